@@ -1,0 +1,162 @@
+// The CPU backend: the op set in plain loops, parallel over output rows or heads with OpenMP,
+// with the inner dot products in runtime-dispatched SIMD kernels (dot.h).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "backend.h"
+#include "backends/cpu/dot.h"
+#include "error.h"
+
+namespace afm {
+
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int num_threads) {
+    if (num_threads > 0) omp_set_num_threads(num_threads);
+  }
+
+  Device device() const override { return Device::cpu(); }
+
+  Tensor tensor(int64_t rows, int64_t cols) override {
+    Tensor t;
+    t.rows = rows;
+    t.cols = cols;
+    t.storage = std::shared_ptr<float[]>(new float[std::max<int64_t>(rows * cols, 1)]);
+    t.data = t.storage.get();
+    return t;
+  }
+
+  void embedding(const Weight& table, std::span<const int32_t> ids, Tensor& out) override {
+    for (size_t t = 0; t < ids.size(); t++) {
+      if (ids[t] < 0 || ids[t] >= table.rows)
+        throw Error("token id " + std::to_string(ids[t]) + " is outside the vocabulary (" +
+                    std::to_string(table.rows) + ")");
+      dequantize_row(table, ids[t], out.row(t));
+    }
+  }
+
+  void rms_norm(const Tensor& x, const Weight& weight, float eps, Tensor& out) override {
+    std::vector<float> gamma(weight.cols);
+    dequantize_row(weight, 0, gamma.data());
+    for (int64_t t = 0; t < x.rows; t++) {
+      const float* in = x.row(t);
+      double sum_squares = 0;
+      for (int64_t c = 0; c < x.cols; c++) sum_squares += double(in[c]) * in[c];
+      const float scale = 1.0f / std::sqrt(float(sum_squares / double(x.cols)) + eps);
+      float* o = out.row(t);
+      for (int64_t c = 0; c < x.cols; c++) o[c] = gamma[c] * (in[c] * scale);
+    }
+  }
+
+  void linear(const Tensor& x, const Weight& w, Tensor& out) override {
+    const cpu::DotFn dot = cpu::dot_kernel(w.format);
+    const int64_t T = x.rows, N = w.rows, K = w.cols;
+    // Blocks of weight rows stay in cache while every group of 4 tokens passes over them.
+    constexpr int64_t kRowBlock = 16, kTokens = 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += kRowBlock) {
+      const int64_t n1 = std::min(N, n0 + kRowBlock);
+      float result[kTokens];
+      for (int64_t t0 = 0; t0 < T; t0 += kTokens) {
+        const int nt = int(std::min(kTokens, T - t0));
+        for (int64_t n = n0; n < n1; n++) {
+          dot(w.data + n * w.row_bytes, x.row(t0), K, nt, K, result);
+          for (int j = 0; j < nt; j++) out.row(t0 + j)[n] = result[j];
+        }
+      }
+    }
+  }
+
+  void rotary(Tensor& x, int64_t num_heads, std::span<const int32_t> positions, const RopeTables& rope) override {
+    const int64_t head_dim = x.cols / num_heads, half = rope.half_dim;
+    for (int64_t t = 0; t < x.rows; t++) {
+      const float* cos = rope.cos_at(positions[t]);
+      const float* sin = rope.sin_at(positions[t]);
+      for (int64_t h = 0; h < num_heads; h++) {
+        float* v = x.row(t) + h * head_dim;
+        for (int64_t i = 0; i < half; i++) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * cos[i] - b * sin[i];
+          v[i + half] = b * cos[i] + a * sin[i];
+        }
+      }
+    }
+  }
+
+  void cache_update(KVCache& cache, int64_t layer, const Tensor& k, const Tensor& v,
+                    std::span<const int32_t> positions) override {
+    const KVShape& s = cache.shape();
+    for (int64_t t = 0; t < k.rows; t++) {
+      for (int64_t h = 0; h < s.num_kv_heads; h++) {
+        std::copy_n(k.row(t) + h * s.head_dim, s.head_dim, cache.key(layer, h, positions[t]));
+        std::copy_n(v.row(t) + h * s.head_dim, s.head_dim, cache.value(layer, h, positions[t]));
+      }
+    }
+  }
+
+  void attention(const Tensor& q, KVCache& cache, int64_t layer, std::span<const int32_t> positions,
+                 Tensor& out) override {
+    const KVShape& s = cache.shape();
+    const int64_t num_heads = q.cols / s.head_dim, group = num_heads / s.num_kv_heads;
+    const float scale = 1.0f / std::sqrt(float(s.head_dim));
+    const int64_t T = q.rows;
+#pragma omp parallel
+    {
+      std::vector<float> scores;
+#pragma omp for collapse(2) schedule(dynamic)
+      for (int64_t t = 0; t < T; t++) {
+        for (int64_t h = 0; h < num_heads; h++) {
+          const int64_t kv_head = h / group, visible = int64_t(positions[t]) + 1;
+          const float* query = q.row(t) + h * s.head_dim;
+          scores.resize(visible);
+          float max_score = -INFINITY;
+          for (int64_t p = 0; p < visible; p++) {
+            const float* key = cache.key(layer, kv_head, p);
+            float dot = 0;
+            for (int64_t d = 0; d < s.head_dim; d++) dot += query[d] * key[d];
+            scores[p] = dot * scale;
+            max_score = std::max(max_score, scores[p]);
+          }
+          float sum = 0;
+          for (int64_t p = 0; p < visible; p++) sum += scores[p] = std::exp(scores[p] - max_score);
+          float* o = out.row(t) + h * s.head_dim;
+          std::fill_n(o, s.head_dim, 0.0f);
+          for (int64_t p = 0; p < visible; p++) {
+            const float* value = cache.value(layer, kv_head, p);
+            const float weight = scores[p] / sum;
+            for (int64_t d = 0; d < s.head_dim; d++) o[d] += weight * value[d];
+          }
+        }
+      }
+    }
+  }
+
+  void add(Tensor& x, const Tensor& y) override {
+    for (int64_t i = 0; i < x.rows * x.cols; i++) x.data[i] += y.data[i];
+  }
+
+  void relu_squared(Tensor& x) override {
+    for (int64_t i = 0; i < x.rows * x.cols; i++) {
+      const float r = std::max(x.data[i], 0.0f);
+      x.data[i] = r * r;
+    }
+  }
+
+  void silu_mul(Tensor& gate, const Tensor& up) override {
+    for (int64_t i = 0; i < gate.rows * gate.cols; i++) {
+      const float g = gate.data[i];
+      gate.data[i] = g / (1.0f + std::exp(-g)) * up.data[i];
+    }
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(int num_threads) { return std::make_unique<CpuBackend>(num_threads); }
+
+}  // namespace afm

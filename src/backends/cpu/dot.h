@@ -1,0 +1,31 @@
+// Dot products of one weight row with up to 4 f32 activation rows: the inner loop of `linear`,
+// out[t][n] = dot(x[t], W[n]), for every weight format. Taking several activation rows at once
+// lets a prefill decode each weight chunk once for up to 4 tokens; decode calls it with n_x = 1,
+// where it streams the weight row and is bound by memory bandwidth.
+// Weights are decoded exactly to f32 and accumulated in f32.
+#pragma once
+#include <cstdint>
+
+#include "weight.h"
+
+namespace afm::cpu {
+
+// Kernel variants. Each is compiled without -march flags (per-function target attributes) and
+// picked at run time, so one binary runs everywhere and uses AVX2 where the CPU has it.
+enum class Isa { Scalar, Avx2 };  // Avx2 also requires FMA and F16C
+
+bool isa_supported(Isa isa);  // on this CPU
+Isa best_isa();
+const char* isa_name(Isa isa);
+
+constexpr int kMaxDotRows = 4;
+
+// out[j] = sum_{i<k} W(w_row, i) * x[j * x_stride + i] for j < n_x (1..kMaxDotRows).
+// w_row is one row of a Weight in `format` (any alignment); k is the row's column count.
+using DotFn = void (*)(const uint8_t* w_row, const float* x, int64_t x_stride, int n_x, int64_t k,
+                       float* out);
+
+// Throws afm::Error when `isa` is not supported on this CPU.
+DotFn dot_kernel(WeightFormat format, Isa isa = best_isa());
+
+}  // namespace afm::cpu

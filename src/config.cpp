@@ -1,0 +1,134 @@
+#include "config.h"
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "error.h"
+
+namespace afm {
+
+using json = nlohmann::json;
+
+namespace {
+
+template <typename T>
+T required(const json& j, const char* key, const std::string& source) {
+  if (!j.contains(key) || j[key].is_null()) throw Error(source + ": missing required key \"" + key + "\"");
+  try {
+    return j[key].get<T>();
+  } catch (const json::exception&) {
+    throw Error(source + ": key \"" + key + "\" has the wrong type (" + j[key].dump() + ")");
+  }
+}
+
+template <typename T>
+T optional_key(const json& j, const char* key, T fallback, const std::string& source) {
+  if (!j.contains(key) || j[key].is_null()) return fallback;
+  try {
+    return j[key].get<T>();
+  } catch (const json::exception&) {
+    throw Error(source + ": key \"" + key + "\" has the wrong type (" + j[key].dump() + ")");
+  }
+}
+
+std::optional<double> maybe_double(const json& j, const char* key) {
+  if (!j.contains(key) || j[key].is_null()) return std::nullopt;
+  return j[key].get<double>();
+}
+
+RopeConfig parse_rope(const json& root, int64_t max_positions, const std::string& source) {
+  RopeConfig rope;
+  // v5 keeps rope_theta inside rope_parameters; v4 keeps it at the top with an optional rope_scaling.
+  const json* scaling = nullptr;
+  if (root.contains("rope_parameters") && root["rope_parameters"].is_object()) scaling = &root["rope_parameters"];
+  else if (root.contains("rope_scaling") && root["rope_scaling"].is_object()) scaling = &root["rope_scaling"];
+
+  rope.theta = optional_key<double>(root, "rope_theta", 10000.0, source);
+  rope.partial_rotary_factor = optional_key<double>(root, "partial_rotary_factor", 1.0, source);
+  rope.original_max_position_embeddings = max_positions;
+  if (!scaling) return rope;
+
+  const json& s = *scaling;
+  const std::string where = source + ": rope parameters";
+  rope.theta = optional_key<double>(s, "rope_theta", rope.theta, where);
+  rope.partial_rotary_factor = optional_key<double>(s, "partial_rotary_factor", rope.partial_rotary_factor, where);
+  rope.type = optional_key<std::string>(s, "rope_type", optional_key<std::string>(s, "type", "default", where), where);
+  rope.factor = optional_key<double>(s, "factor", 1.0, where);
+  rope.original_max_position_embeddings =
+      optional_key<int64_t>(s, "original_max_position_embeddings", max_positions, where);
+  // transformers treats a beta of 0 or null as "use the default", hence value_or on a truthy check.
+  double beta_fast = optional_key<double>(s, "beta_fast", 0.0, where);
+  double beta_slow = optional_key<double>(s, "beta_slow", 0.0, where);
+  rope.beta_fast = beta_fast ? beta_fast : 32.0;
+  rope.beta_slow = beta_slow ? beta_slow : 1.0;
+  rope.attention_factor = maybe_double(s, "attention_factor");
+  rope.mscale = maybe_double(s, "mscale");
+  rope.mscale_all_dim = maybe_double(s, "mscale_all_dim");
+  rope.truncate = optional_key<bool>(s, "truncate", true, where);
+  rope.low_freq_factor = optional_key<double>(s, "low_freq_factor", 1.0, where);
+  rope.high_freq_factor = optional_key<double>(s, "high_freq_factor", 4.0, where);
+
+  if (rope.type != "default" && rope.type != "linear" && rope.type != "yarn" && rope.type != "llama3")
+    throw Error(where + ": unsupported rope_type \"" + rope.type + "\" (supported: default, linear, yarn, llama3)");
+  if (rope.type != "default" && rope.factor <= 0) throw Error(where + ": factor must be positive");
+  return rope;
+}
+
+std::vector<int32_t> parse_ids(const json& value, const std::string& source, const char* key) {
+  if (value.is_null()) return {};
+  if (value.is_number_integer()) return {value.get<int32_t>()};
+  if (value.is_array()) return value.get<std::vector<int32_t>>();
+  throw Error(source + ": \"" + key + "\" must be an integer or a list of integers");
+}
+
+}  // namespace
+
+ModelConfig parse_config(const std::string& json_text, const std::string& source) {
+  json root;
+  try {
+    root = json::parse(json_text);
+  } catch (const json::exception& e) {
+    throw Error(source + ": malformed JSON: " + e.what());
+  }
+  if (!root.is_object()) throw Error(source + ": expected a JSON object");
+
+  ModelConfig c;
+  auto architectures = optional_key<std::vector<std::string>>(root, "architectures", {}, source);
+  if (architectures.empty()) throw Error(source + ": no \"architectures\" entry, so the model family is unknown");
+  c.architecture = architectures[0];
+  c.hidden_size = required<int64_t>(root, "hidden_size", source);
+  c.intermediate_size = required<int64_t>(root, "intermediate_size", source);
+  c.num_layers = required<int64_t>(root, "num_hidden_layers", source);
+  c.num_heads = required<int64_t>(root, "num_attention_heads", source);
+  c.num_kv_heads = optional_key<int64_t>(root, "num_key_value_heads", c.num_heads, source);
+  c.vocab_size = required<int64_t>(root, "vocab_size", source);
+  if (c.num_heads <= 0 || c.hidden_size <= 0 || c.num_layers <= 0 || c.vocab_size <= 0 || c.intermediate_size <= 0)
+    throw Error(source + ": sizes must be positive");
+  c.head_dim = optional_key<int64_t>(root, "head_dim", c.hidden_size / c.num_heads, source);
+  if (c.num_kv_heads <= 0 || c.num_heads % c.num_kv_heads != 0)
+    throw Error(source + ": num_attention_heads (" + std::to_string(c.num_heads) +
+                ") must be a multiple of num_key_value_heads (" + std::to_string(c.num_kv_heads) + ")");
+  if (c.head_dim <= 0 || c.head_dim % 2 != 0) throw Error(source + ": head_dim must be positive and even");
+  c.max_position_embeddings = optional_key<int64_t>(root, "max_position_embeddings", 2048, source);
+  c.rms_norm_eps = optional_key<double>(root, "rms_norm_eps", 1e-6, source);
+  c.hidden_act = optional_key<std::string>(root, "hidden_act", "silu", source);
+  c.tie_word_embeddings = optional_key<bool>(root, "tie_word_embeddings", false, source);
+  c.attention_bias = optional_key<bool>(root, "attention_bias", false, source);
+  c.mlp_bias = optional_key<bool>(root, "mlp_bias", false, source);
+  c.rope = parse_rope(root, c.max_position_embeddings, source);
+  if (root.contains("bos_token_id") && root["bos_token_id"].is_number_integer())
+    c.bos_token_id = root["bos_token_id"].get<int32_t>();
+  if (root.contains("eos_token_id")) c.eos_token_ids = parse_ids(root["eos_token_id"], source, "eos_token_id");
+  return c;
+}
+
+ModelConfig load_config(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error("cannot read " + path + " (is this an HF model folder?)");
+  std::stringstream text;
+  text << in.rdbuf();
+  return parse_config(text.str(), path);
+}
+
+}  // namespace afm

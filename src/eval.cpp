@@ -1,0 +1,148 @@
+#include "eval.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "error.h"
+#include "safetensors.h"
+
+namespace afm {
+
+static std::vector<int32_t> to_ids(const TensorView& view) {
+  std::vector<int32_t> ids;
+  for (int64_t id : view.to_i64()) ids.push_back(int32_t(id));
+  return ids;
+}
+
+Reference load_reference(const std::string& path) {
+  SafetensorsFile file = SafetensorsFile::open(path);
+  Reference ref;
+  for (int n = 0; file.contains("prompt." + std::to_string(n) + ".ids"); n++) {
+    const std::string p = "prompt." + std::to_string(n) + ".";
+    PromptReference& prompt = ref.prompts.emplace_back();
+    prompt.ids = to_ids(file.get(p + "ids"));
+    if (file.contains(p + "generated")) prompt.generated = to_ids(file.get(p + "generated"));
+    for (const char* key : {"logits", "decode_logits"}) {
+      if (!file.contains(p + key)) continue;
+      const TensorView& view = file.get(p + key);
+      const int64_t expected_rows = std::string(key) == "logits" ? int64_t(prompt.ids.size()) : int64_t(prompt.generated.size());
+      if (view.shape.size() != 2 || view.shape[0] != expected_rows)
+        throw Error(path + ": " + view.describe() + " does not match the prompt's token count");
+      if (ref.vocab_size && view.shape[1] != ref.vocab_size) throw Error(path + ": logits disagree on the vocabulary size");
+      ref.vocab_size = view.shape[1];
+      (std::string(key) == "logits" ? prompt.logits : prompt.decode_logits) = view.to_f32();
+    }
+    for (int64_t layer = 0; file.contains(p + "hidden." + std::to_string(layer)); layer++)
+      prompt.hidden[layer] = file.get(p + "hidden." + std::to_string(layer)).to_f32();
+  }
+  if (ref.prompts.empty()) throw Error(path + ": no prompt.0.ids tensor; not an afm/HF reference file");
+  return ref;
+}
+
+double max_row_relative_error(const float* ours, const float* ref, int64_t rows, int64_t cols) {
+  double worst = 0;
+  for (int64_t r = 0; r < rows; r++) {
+    double diff = 0, norm = 0;
+    for (int64_t c = 0; c < cols; c++) {
+      const double d = double(ours[r * cols + c]) - ref[r * cols + c];
+      diff += d * d;
+      norm += double(ref[r * cols + c]) * ref[r * cols + c];
+    }
+    worst = std::max(worst, std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30));
+  }
+  return worst;
+}
+
+// How many logits beat the token's (ties go to the lower id, as torch.argmax and topk do).
+static int64_t rank_of(const float* logits, int64_t vocab, int32_t token) {
+  int64_t rank = 0;
+  for (int64_t i = 0; i < vocab; i++)
+    rank += logits[i] > logits[token] || (logits[i] == logits[token] && i < token);
+  return rank;
+}
+
+static void check_fits(const Model& model, const Reference& reference) {
+  const int64_t vocab = model.config().vocab_size;
+  if (reference.vocab_size && reference.vocab_size != vocab)
+    throw Error("the reference's logits have " + std::to_string(reference.vocab_size) +
+                " columns but the model's vocabulary is " + std::to_string(vocab) + ": wrong model for this reference");
+  for (const PromptReference& p : reference.prompts) {
+    for (const auto* ids : {&p.ids, &p.generated})
+      for (int32_t id : *ids)
+        if (id < 0 || id >= vocab)
+          throw Error("the reference contains token id " + std::to_string(id) + ", outside the model's vocabulary of " +
+                      std::to_string(vocab));
+    if (int64_t(p.ids.size() + p.generated.size()) > model.max_seq_len())
+      throw Error("a reference prompt needs " + std::to_string(p.ids.size() + p.generated.size()) +
+                  " positions but the model was built with max_seq_len " + std::to_string(model.max_seq_len()));
+  }
+}
+
+static PromptResult eval_prompt(Model& model, const PromptReference& ref, bool compare_layers) {
+  const int64_t vocab = model.config().vocab_size, hidden = model.config().hidden_size;
+  const int64_t T = int64_t(ref.ids.size());
+  PromptResult result;
+  result.prompt_tokens = T;
+  auto cache = model.new_cache();
+
+  std::vector<int32_t> positions(T);
+  std::iota(positions.begin(), positions.end(), 0);
+  HiddenStateTap tap;
+  if (compare_layers) {
+    tap = [&](int64_t layer, const Tensor& h) {
+      auto it = ref.hidden.find(layer);
+      if (it != ref.hidden.end()) result.layer_max_rel_err.push_back(max_row_relative_error(h.data, it->second.data(), T, hidden));
+    };
+  }
+  Tensor logits = model.forward(ref.ids, positions, *cache, Logits::All, tap);
+  if (!ref.logits.empty()) result.prefill_max_rel_err = max_row_relative_error(logits.data, ref.logits.data(), T, vocab);
+
+  // Step i scores reference token i given the prompt and reference tokens 0..i-1.
+  std::vector<float> step_logits(logits.row(T - 1), logits.row(T - 1) + vocab);
+  int64_t top1 = 0, top5 = 0;
+  double decode_err = 0;
+  for (size_t i = 0; i < ref.generated.size(); i++) {
+    if (i > 0) {
+      const int32_t token = ref.generated[i - 1], position = int32_t(T + i - 1);
+      Tensor next = model.forward({&token, 1}, {&position, 1}, *cache);
+      step_logits.assign(next.data, next.data + vocab);
+    }
+    if (!ref.decode_logits.empty())
+      decode_err = std::max(decode_err, max_row_relative_error(step_logits.data(), &ref.decode_logits[i * vocab], 1, vocab));
+    const int64_t rank = rank_of(step_logits.data(), vocab, ref.generated[i]);
+    top1 += rank == 0;
+    top5 += rank < 5;
+    if (rank != 0) result.top1_misses.push_back(int64_t(i));
+  }
+  result.steps = int64_t(ref.generated.size());
+  if (!ref.decode_logits.empty()) result.decode_max_rel_err = decode_err;
+  if (result.steps) {
+    result.top1 = double(top1) / double(result.steps);
+    result.top5 = double(top5) / double(result.steps);
+  }
+  return result;
+}
+
+EvalResult teacher_forcing_eval(Model& model, const Reference& reference, bool compare_layers) {
+  check_fits(model, reference);
+  EvalResult total;
+  double top1 = 0, top5 = 0;
+  int64_t steps = 0;
+  for (const PromptReference& p : reference.prompts) {
+    PromptResult r = eval_prompt(model, p, compare_layers);
+    top1 += r.top1 * double(r.steps);
+    top5 += r.top5 * double(r.steps);
+    steps += r.steps;
+    total.prefill_max_rel_err = std::max(total.prefill_max_rel_err, r.prefill_max_rel_err);
+    total.decode_max_rel_err = std::max(total.decode_max_rel_err, r.decode_max_rel_err);
+    total.prompts.push_back(std::move(r));
+  }
+  if (steps) {
+    total.top1 = top1 / double(steps);
+    total.top5 = top5 / double(steps);
+  }
+  return total;
+}
+
+}  // namespace afm

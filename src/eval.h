@@ -1,0 +1,50 @@
+// Teacher-forcing evaluation against reference outputs made by HF transformers (the fixture
+// format: prompt.N.ids / .generated / .logits / .decode_logits / prompt.0.hidden.L).
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "model.h"
+
+namespace afm {
+
+struct PromptReference {
+  std::vector<int32_t> ids;          // the prompt, BOS included
+  std::vector<int32_t> generated;    // HF's greedy continuation
+  std::vector<float> logits;         // [ids, vocab] or empty
+  std::vector<float> decode_logits;  // [generated, vocab] or empty
+  std::map<int64_t, std::vector<float>> hidden;  // layer -> [ids, hidden]
+};
+
+struct Reference {
+  int64_t vocab_size = 0;  // 0 when the reference carries no logits
+  std::vector<PromptReference> prompts;
+};
+
+Reference load_reference(const std::string& safetensors_path);
+
+struct PromptResult {
+  int64_t prompt_tokens = 0, steps = 0;
+  double prefill_max_rel_err = -1, decode_max_rel_err = -1;  // -1: no reference logits
+  double top1 = 0, top5 = 0;
+  std::vector<int64_t> top1_misses;      // steps whose reference token was not our argmax
+  std::vector<double> layer_max_rel_err;  // per hidden state, when asked for and present
+};
+
+struct EvalResult {
+  std::vector<PromptResult> prompts;
+  double top1 = 0, top5 = 0;  // over all steps of all prompts
+  double prefill_max_rel_err = -1, decode_max_rel_err = -1;
+};
+
+// Feed each prompt, then each reference token in turn (never our own choice), and check that the
+// reference's next token is our argmax (top-1) or among our 5 largest logits (top-5).
+// Throws afm::Error when the reference does not fit the model (vocabulary, token ids).
+EvalResult teacher_forcing_eval(Model& model, const Reference& reference, bool compare_layers);
+
+// max over rows of ||ours - ref|| / ||ref||
+double max_row_relative_error(const float* ours, const float* ref, int64_t rows, int64_t cols);
+
+}  // namespace afm

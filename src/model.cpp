@@ -1,0 +1,116 @@
+#include "model.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+
+#include "error.h"
+#include "models/decoder.h"
+
+namespace afm {
+
+// The model families afm knows, keyed by config.json's "architectures"[0].
+// A family whose layers follow the Llama decoder needs only a line here.
+struct ModelFamily {
+  const char* architecture;
+  std::unique_ptr<Model> (*build)(ModelContext&);
+};
+
+static const ModelFamily kFamilies[] = {
+    {"ArceeForCausalLM", [](ModelContext& c) { return build_decoder(c, MlpKind::ReluSquared); }},
+    {"LlamaForCausalLM", [](ModelContext& c) { return build_decoder(c, MlpKind::SwiGLU); }},
+};
+
+Device Device::parse(const std::string& name) {
+  if (name == "cpu") return {DeviceKind::Cpu};
+  if (name == "cuda") return {DeviceKind::Cuda};
+  throw Error("unknown device \"" + name + "\" (choose cpu or cuda)");
+}
+
+std::string Device::name() const { return kind == DeviceKind::Cpu ? "cpu" : "cuda"; }
+
+std::unique_ptr<Backend> make_cpu_backend(int num_threads);
+
+std::unique_ptr<Backend> make_backend(Device device, int num_threads) {
+  if (device.kind == DeviceKind::Cpu) return make_cpu_backend(num_threads);
+  throw Error("this build of afm has no " + device.name() + " backend");
+}
+
+Model::Model(const ModelContext& context)
+    : config_(context.config), max_seq_len_(context.options.max_seq_len), weight_format_(context.options.weights) {
+  const ModelConfig& c = config_;
+  KVShape shape{c.num_layers, c.num_kv_heads, c.head_dim};
+  pool_ = std::make_shared<BlockPool>(shape, (max_seq_len_ + shape.block_size - 1) / shape.block_size);
+}
+
+const TensorView& WeightLoader::fetch(const std::string& name, std::vector<int64_t> shape) {
+  const TensorView& view = checkpoint_.get(name);
+  if (view.shape != shape) {
+    TensorView expected = view;
+    expected.shape = shape;
+    throw Error(checkpoint_.dir() + ": tensor " + view.describe() + " has the wrong shape; the config implies " +
+                expected.describe());
+  }
+  used_.push_back(name);
+  return view;
+}
+
+Weight WeightLoader::matrix(const std::string& name, int64_t rows, int64_t cols, WeightFormat format) {
+  return make_weight(fetch(name, {rows, cols}), format);
+}
+
+Weight WeightLoader::vector(const std::string& name, int64_t size) {
+  return make_weight(fetch(name, {size}), WeightFormat::F32);
+}
+
+void WeightLoader::check_all_used() const {
+  for (const auto& [name, view] : checkpoint_.tensors()) {
+    // Some exporters save the rotary buffer; it is recomputed from the config.
+    if (name.ends_with("rotary_emb.inv_freq")) continue;
+    if (std::find(used_.begin(), used_.end(), name) == used_.end())
+      throw Error(checkpoint_.dir() + ": unexpected tensor " + view.describe() +
+                  " (the config and the weights disagree, or this is not a " + "plain checkpoint of this family)");
+  }
+}
+
+// Bytes of memory the OS can still give us, from /proc/meminfo (0 when unknown).
+static int64_t available_memory() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  int64_t kib;
+  while (meminfo >> key >> kib) {
+    if (key == "MemAvailable:") return kib * 1024;
+    meminfo.ignore(256, '\n');
+  }
+  return 0;
+}
+
+static int64_t choose_max_seq_len(const ModelConfig& c, int64_t requested) {
+  if (requested < 0) throw Error("max_seq_len must be positive");
+  if (requested > 0) return requested;
+  // Default: the config's limit, capped so a full KV cache takes at most half the free memory.
+  const int64_t bytes_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * int64_t(sizeof(float));
+  const int64_t memory = available_memory();
+  int64_t limit = c.max_position_embeddings;
+  if (memory > 0) limit = std::min(limit, memory / 2 / bytes_per_token);
+  return std::max<int64_t>(limit, 1);
+}
+
+std::unique_ptr<Model> build_model(const std::string& dir, const ModelOptions& options) {
+  namespace fs = std::filesystem;
+  if (!fs::is_directory(dir)) throw Error("model folder not found: " + dir);
+  ModelConfig config = load_config((fs::path(dir) / "config.json").string());
+  const ModelFamily* family = nullptr;
+  for (const ModelFamily& f : kFamilies)
+    if (config.architecture == f.architecture) family = &f;
+  if (!family) {
+    std::string known;
+    for (const ModelFamily& f : kFamilies) known += std::string(known.empty() ? "" : ", ") + f.architecture;
+    throw Error(dir + "/config.json: unknown architecture \"" + config.architecture + "\" (afm supports " + known + ")");
+  }
+  ModelContext context{config, Checkpoint::open(dir), options, make_backend(options.device, options.num_threads)};
+  context.options.max_seq_len = choose_max_seq_len(config, options.max_seq_len);
+  return family->build(context);
+}
+
+}  // namespace afm

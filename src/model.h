@@ -1,0 +1,82 @@
+// The engine's front door: build_model() reads an HF checkpoint folder, picks the model family
+// from config.json's "architectures", and returns a Model whose forward() runs on a backend.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "backend.h"
+#include "config.h"
+#include "kv_cache.h"
+#include "safetensors.h"
+#include "weight.h"
+
+namespace afm {
+
+struct ModelOptions {
+  Device device = Device::cpu();
+  int64_t max_seq_len = 0;                    // 0: the config's limit, capped by available memory
+  WeightFormat weights = WeightFormat::F32;
+  int num_threads = 0;                        // 0: all cores
+};
+
+// Called with the input of each decoder layer (layer < num_layers) and, last, with the final
+// norm's output (layer == num_layers): the same points as HF's output_hidden_states.
+using HiddenStateTap = std::function<void(int64_t layer, const Tensor& hidden)>;
+
+enum class Logits { All, Last };  // rows of logits to compute: every position, or only the last
+
+class Model {
+ public:
+  virtual ~Model() = default;
+
+  const ModelConfig& config() const { return config_; }
+  int64_t max_seq_len() const { return max_seq_len_; }
+  WeightFormat weight_format() const { return weight_format_; }
+  std::unique_ptr<KVCache> new_cache() const { return std::make_unique<KVCache>(pool_, max_seq_len_); }
+
+  // Run `tokens` at `positions` (which must continue the cache: cache.length(), +1, ...),
+  // appending their keys and values to `cache`. Returns logits [T or 1, vocab].
+  virtual Tensor forward(std::span<const int32_t> tokens, std::span<const int32_t> positions, KVCache& cache,
+                         Logits rows = Logits::All, const HiddenStateTap& tap = nullptr) = 0;
+
+ protected:
+  explicit Model(const struct ModelContext& context);
+  ModelConfig config_;
+  int64_t max_seq_len_ = 0;
+  WeightFormat weight_format_ = WeightFormat::F32;
+  std::shared_ptr<BlockPool> pool_;
+};
+
+// Everything a model family needs to construct itself.
+struct ModelContext {
+  ModelConfig config;
+  Checkpoint checkpoint;
+  ModelOptions options;
+  std::unique_ptr<Backend> backend;
+};
+
+// Hands out checkpoint tensors by name with their expected shape, and afterwards reports any
+// tensor in the checkpoint that the model never asked for.
+class WeightLoader {
+ public:
+  explicit WeightLoader(const Checkpoint& checkpoint) : checkpoint_(checkpoint) {}
+  Weight matrix(const std::string& name, int64_t rows, int64_t cols, WeightFormat format);
+  Weight vector(const std::string& name, int64_t size);  // norm weights: always exact
+  bool contains(const std::string& name) const { return checkpoint_.contains(name); }
+  void check_all_used() const;
+
+ private:
+  const TensorView& fetch(const std::string& name, std::vector<int64_t> shape);
+  const Checkpoint& checkpoint_;
+  std::vector<std::string> used_;
+};
+
+std::unique_ptr<Model> build_model(const std::string& checkpoint_dir, const ModelOptions& options = {});
+inline std::unique_ptr<Model> build_model(const std::string& checkpoint_dir, Device device, int64_t max_seq_len = 0) {
+  return build_model(checkpoint_dir, ModelOptions{device, max_seq_len});
+}
+
+}  // namespace afm

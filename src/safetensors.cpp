@@ -1,0 +1,233 @@
+#include "safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "error.h"
+#include "numeric.h"
+
+namespace afm {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::F32: return "F32";
+    case DType::F16: return "F16";
+    case DType::BF16: return "BF16";
+    case DType::I64: return "I64";
+    case DType::I32: return "I32";
+  }
+  return "?";
+}
+
+int64_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::F32: case DType::I32: return 4;
+    case DType::F16: case DType::BF16: return 2;
+    case DType::I64: return 8;
+  }
+  return 0;
+}
+
+static DType parse_dtype(const std::string& name, const std::string& where) {
+  if (name == "F32") return DType::F32;
+  if (name == "F16") return DType::F16;
+  if (name == "BF16") return DType::BF16;
+  if (name == "I64") return DType::I64;
+  if (name == "I32") return DType::I32;
+  throw Error(where + ": unsupported dtype " + name + " (supported: F32, F16, BF16, I64, I32)");
+}
+
+int64_t TensorView::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string TensorView::describe() const {
+  std::string s = name + " [";
+  for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "] " + dtype_name(dtype);
+}
+
+void floats_to_f32(DType dtype, const uint8_t* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; i++) {
+    uint16_t h;
+    switch (dtype) {
+      case DType::F32: std::memcpy(&dst[i], src + 4 * i, 4); break;
+      case DType::BF16: std::memcpy(&h, src + 2 * i, 2); dst[i] = bf16_to_f32(h); break;
+      case DType::F16: std::memcpy(&h, src + 2 * i, 2); dst[i] = f16_to_f32(h); break;
+      default: throw Error(std::string("expected a floating-point dtype, got ") + dtype_name(dtype));
+    }
+  }
+}
+
+std::vector<float> TensorView::to_f32() const {
+  if (dtype != DType::F32 && dtype != DType::BF16 && dtype != DType::F16)
+    throw Error(describe() + ": expected a floating-point tensor");
+  std::vector<float> out(numel());
+  floats_to_f32(dtype, data, numel(), out.data());
+  return out;
+}
+
+std::vector<int64_t> TensorView::to_i64() const {
+  std::vector<int64_t> out(numel());
+  for (int64_t i = 0; i < numel(); i++) {
+    if (dtype == DType::I64) std::memcpy(&out[i], data + 8 * i, 8);
+    else if (dtype == DType::I32) { int32_t v; std::memcpy(&v, data + 4 * i, 4); out[i] = v; }
+    else throw Error(describe() + ": expected an integer tensor");
+  }
+  return out;
+}
+
+namespace {
+
+// The file stays mapped for as long as any TensorView points into it.
+struct Mapping {
+  void* base = nullptr;
+  size_t size = 0;
+  ~Mapping() { if (base) munmap(base, size); }
+};
+
+std::shared_ptr<Mapping> map_file(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw Error("cannot open " + path + ": " + std::strerror(errno));
+  struct stat st {};
+  fstat(fd, &st);
+  auto mapping = std::make_shared<Mapping>();
+  mapping->size = size_t(st.st_size);
+  if (mapping->size > 0) {
+    void* base = mmap(nullptr, mapping->size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (base == MAP_FAILED) {
+      ::close(fd);
+      throw Error("cannot map " + path + ": " + std::strerror(errno));
+    }
+    mapping->base = base;
+  }
+  ::close(fd);
+  return mapping;
+}
+
+}  // namespace
+
+SafetensorsFile SafetensorsFile::open(const std::string& path) {
+  auto mapping = map_file(path);
+  const auto* bytes = static_cast<const uint8_t*>(mapping->base);
+  const uint64_t file_size = mapping->size;
+  if (file_size < 8) throw Error(path + ": truncated safetensors file (" + std::to_string(file_size) + " bytes, no header)");
+  uint64_t header_size;
+  std::memcpy(&header_size, bytes, 8);
+  if (header_size > file_size - 8)
+    throw Error(path + ": truncated safetensors file (header says " + std::to_string(header_size) +
+                " bytes, file has " + std::to_string(file_size) + ")");
+
+  json header;
+  try {
+    header = json::parse(bytes + 8, bytes + 8 + header_size);
+  } catch (const json::exception& e) {
+    throw Error(path + ": malformed safetensors header: " + e.what());
+  }
+  if (!header.is_object()) throw Error(path + ": malformed safetensors header: not a JSON object");
+
+  SafetensorsFile file;
+  file.path_ = path;
+  const uint64_t data_start = 8 + header_size;
+  const uint64_t data_size = file_size - data_start;
+  for (const auto& [name, info] : header.items()) {
+    if (name == "__metadata__") continue;
+    const std::string where = path + ": tensor " + name;
+    try {
+      TensorView view;
+      view.name = name;
+      view.dtype = parse_dtype(info.at("dtype").get<std::string>(), where);
+      view.shape = info.at("shape").get<std::vector<int64_t>>();
+      auto offsets = info.at("data_offsets").get<std::vector<uint64_t>>();
+      if (offsets.size() != 2 || offsets[0] > offsets[1]) throw Error(where + ": bad data_offsets");
+      if (offsets[1] > data_size)
+        throw Error(where + " ends at byte " + std::to_string(offsets[1]) + " but the file has only " +
+                    std::to_string(data_size) + " data bytes: truncated file");
+      for (int64_t d : view.shape)
+        if (d < 0) throw Error(where + ": negative dimension");
+      view.nbytes = int64_t(offsets[1] - offsets[0]);
+      if (view.nbytes != view.numel() * dtype_size(view.dtype))
+        throw Error(where + ": " + std::to_string(view.nbytes) + " bytes do not hold shape " + view.describe());
+      view.data = bytes + data_start + offsets[0];
+      view.owner = mapping;
+      file.tensors_.emplace(name, std::move(view));
+    } catch (const json::exception& e) {
+      throw Error(where + ": malformed entry: " + e.what());
+    }
+  }
+  return file;
+}
+
+const TensorView& SafetensorsFile::get(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) throw Error(path_ + ": no tensor named " + name);
+  return it->second;
+}
+
+Checkpoint Checkpoint::open(const std::string& dir) {
+  if (!fs::is_directory(dir)) throw Error("model folder not found: " + dir);
+  Checkpoint checkpoint;
+  checkpoint.dir_ = dir;
+  const fs::path single = fs::path(dir) / "model.safetensors";
+  const fs::path index = fs::path(dir) / "model.safetensors.index.json";
+
+  std::vector<std::string> shards;
+  std::map<std::string, std::string> expected_shard;  // tensor name -> shard file, from the index
+  if (fs::exists(index)) {
+    json index_json;
+    try {
+      std::ifstream in(index);
+      index_json = json::parse(in);
+      for (const auto& [name, shard] : index_json.at("weight_map").items())
+        expected_shard[name] = shard.get<std::string>();
+    } catch (const json::exception& e) {
+      throw Error(index.string() + ": malformed index: " + e.what());
+    }
+    std::set<std::string> unique;
+    for (const auto& [name, shard] : expected_shard) unique.insert(shard);
+    for (const auto& shard : unique) {
+      if (!fs::exists(fs::path(dir) / shard))
+        throw Error(index.string() + " lists shard " + shard + ", which is missing from " + dir);
+      shards.push_back(shard);
+    }
+  } else if (fs::exists(single)) {
+    shards.push_back("model.safetensors");
+  } else {
+    throw Error(dir + " has neither model.safetensors nor model.safetensors.index.json");
+  }
+
+  for (const auto& shard : shards) {
+    SafetensorsFile file = SafetensorsFile::open((fs::path(dir) / shard).string());
+    for (const auto& [name, view] : file.tensors()) {
+      if (!expected_shard.empty() && expected_shard.count(name) && expected_shard[name] != shard)
+        throw Error(file.path() + " holds " + name + ", which the index places in " + expected_shard[name]);
+      if (!checkpoint.tensors_.emplace(name, view).second)
+        throw Error(dir + ": tensor " + name + " appears in more than one shard");
+    }
+  }
+  for (const auto& [name, shard] : expected_shard)
+    if (!checkpoint.contains(name)) throw Error("the index places " + name + " in " + shard + ", but that shard has no such tensor");
+  return checkpoint;
+}
+
+const TensorView& Checkpoint::get(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) throw Error(dir_ + ": missing tensor " + name);
+  return it->second;
+}
+
+}  // namespace afm

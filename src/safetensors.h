@@ -1,0 +1,63 @@
+// Memory-mapped safetensors files and HF checkpoint folders (one file, or shards behind an index).
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace afm {
+
+enum class DType { F32, F16, BF16, I64, I32 };
+
+const char* dtype_name(DType dtype);
+int64_t dtype_size(DType dtype);
+// Widen n floating-point values of `dtype` to f32 (exact for F16 and BF16).
+void floats_to_f32(DType dtype, const uint8_t* src, int64_t n, float* dst);
+
+// A read-only view of one tensor inside a mapped file.
+struct TensorView {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  const uint8_t* data = nullptr;
+  int64_t nbytes = 0;
+  std::shared_ptr<const void> owner;  // the mapping; keeps `data` valid
+
+  int64_t numel() const;
+  std::string describe() const;  // "name [4104, 128] BF16"
+  std::vector<float> to_f32() const;
+  std::vector<int64_t> to_i64() const;
+};
+
+// One .safetensors file: the header is parsed and checked against the file size at open.
+class SafetensorsFile {
+ public:
+  static SafetensorsFile open(const std::string& path);
+
+  const std::string& path() const { return path_; }
+  const std::map<std::string, TensorView>& tensors() const { return tensors_; }
+  const TensorView& get(const std::string& name) const;  // throws afm::Error naming the file
+  bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
+
+ private:
+  std::string path_;
+  std::map<std::string, TensorView> tensors_;
+};
+
+// An HF checkpoint folder: config.json plus model.safetensors or model.safetensors.index.json + shards.
+class Checkpoint {
+ public:
+  static Checkpoint open(const std::string& dir);
+
+  const std::string& dir() const { return dir_; }
+  const std::map<std::string, TensorView>& tensors() const { return tensors_; }
+  bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
+  const TensorView& get(const std::string& name) const;
+
+ private:
+  std::string dir_;
+  std::map<std::string, TensorView> tensors_;
+};
+
+}  // namespace afm

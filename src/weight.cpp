@@ -1,0 +1,93 @@
+#include "weight.h"
+
+#include <cstring>
+
+#include "blockfloat.h"
+#include "error.h"
+#include "numeric.h"
+
+namespace afm {
+
+std::string format_name(WeightFormat format) {
+  switch (format) {
+    case WeightFormat::F32: return "f32";
+    case WeightFormat::F16: return "f16";
+    case WeightFormat::BF16: return "bf16";
+    case WeightFormat::BFP8: return "bfp8";
+    case WeightFormat::BFP4: return "bfp4";
+  }
+  return "?";
+}
+
+WeightFormat parse_weight_format(const std::string& name) {
+  for (WeightFormat f : {WeightFormat::F32, WeightFormat::BF16, WeightFormat::BFP8, WeightFormat::BFP4})
+    if (name == format_name(f)) return f;
+  throw Error("unknown weight format \"" + name + "\" (choose f32, bf16, bfp8 or bfp4)");
+}
+
+static WeightFormat file_format(DType dtype, const TensorView& view) {
+  switch (dtype) {
+    case DType::F32: return WeightFormat::F32;
+    case DType::F16: return WeightFormat::F16;
+    case DType::BF16: return WeightFormat::BF16;
+    default: throw Error(view.describe() + ": weights must be F32, F16 or BF16");
+  }
+}
+
+static int64_t row_bytes(WeightFormat format, int64_t cols) {
+  switch (format) {
+    case WeightFormat::F32: return 4 * cols;
+    case WeightFormat::F16: case WeightFormat::BF16: return 2 * cols;
+    case WeightFormat::BFP8: case WeightFormat::BFP4: return block_float_row_bytes(format, cols);
+  }
+  return 0;
+}
+
+void dequantize_row(const Weight& w, int64_t row, float* dst) {
+  const uint8_t* src = w.data + row * w.row_bytes;
+  switch (w.format) {
+    case WeightFormat::F32: floats_to_f32(DType::F32, src, w.cols, dst); break;
+    case WeightFormat::F16: floats_to_f32(DType::F16, src, w.cols, dst); break;
+    case WeightFormat::BF16: floats_to_f32(DType::BF16, src, w.cols, dst); break;
+    case WeightFormat::BFP8: case WeightFormat::BFP4: block_float_dequantize_row(w.format, src, w.cols, dst); break;
+  }
+}
+
+Weight make_weight(const TensorView& view, WeightFormat target) {
+  if (view.shape.empty() || view.shape.size() > 2) throw Error(view.describe() + ": expected a vector or a matrix");
+  Weight w;
+  w.rows = view.shape.size() == 2 ? view.shape[0] : 1;
+  w.cols = view.shape.back();
+  const WeightFormat source = file_format(view.dtype, view);
+
+  // f32 compute needs no conversion: bf16 and f16 widen to f32 exactly inside the kernels.
+  if (target == WeightFormat::F32 || target == source) {
+    w.format = source;
+    w.row_bytes = row_bytes(source, w.cols);
+    w.data = view.data;
+    w.owner = view.owner;
+    return w;
+  }
+
+  w.format = target;
+  w.row_bytes = row_bytes(target, w.cols);
+  auto buffer = std::shared_ptr<uint8_t[]>(new uint8_t[w.rows * w.row_bytes]);
+  std::vector<float> row(w.cols);
+  for (int64_t r = 0; r < w.rows; r++) {
+    floats_to_f32(view.dtype, view.data + r * row_bytes(source, w.cols), w.cols, row.data());
+    uint8_t* dst = buffer.get() + r * w.row_bytes;
+    if (target == WeightFormat::BF16) {
+      for (int64_t c = 0; c < w.cols; c++) {
+        uint16_t h = f32_to_bf16(row[c]);
+        std::memcpy(dst + 2 * c, &h, 2);
+      }
+    } else {
+      block_float_quantize_row(target, row.data(), w.cols, dst);
+    }
+  }
+  w.data = buffer.get();
+  w.owner = buffer;
+  return w;
+}
+
+}  // namespace afm

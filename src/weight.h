@@ -1,0 +1,34 @@
+// A weight matrix as the kernels consume it: [rows, cols] row-major, in one of the storage formats.
+// F32/F16/BF16 may point straight into a memory-mapped checkpoint; converted formats own their bytes.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "safetensors.h"
+
+namespace afm {
+
+enum class WeightFormat { F32, F16, BF16, BFP8, BFP4 };
+
+std::string format_name(WeightFormat format);
+WeightFormat parse_weight_format(const std::string& name);  // "f32", "bf16", "bfp8", "bfp4"; throws afm::Error
+
+struct Weight {
+  WeightFormat format = WeightFormat::F32;
+  int64_t rows = 0, cols = 0;
+  const uint8_t* data = nullptr;            // row r starts at data + r * row_bytes
+  int64_t row_bytes = 0;
+  std::shared_ptr<const void> owner;        // keeps the mapping or the converted buffer alive
+};
+
+// Prepare a checkpoint tensor for the kernels. F32 keeps the file's dtype (bf16 and f16 widen to
+// f32 exactly in the kernels) and so does a target equal to it: both point into the mapping.
+// Other targets convert at load.
+Weight make_weight(const TensorView& view, WeightFormat target);
+
+// Row `row` of w as f32 values (embedding lookups, norm weights, tests).
+void dequantize_row(const Weight& w, int64_t row, float* dst);
+
+}  // namespace afm

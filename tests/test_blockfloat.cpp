@@ -1,0 +1,210 @@
+// bfp8 / bfp4 conversion against hand-computed bytes, plus round-trip bounds on random rows.
+// Notation: a normal fp32 value is 1.f * 2^(E-127); its 24-bit mantissa m24 has the hidden bit at
+// bit 23. With shared exponent S, the code is round(m24 >> (S-E), to 24-B bits dropped) where
+// B = 7 (bfp8) / 3 (bfp4): drop 17 / 21 bits, tie = 0x10000 / 0x100000. Worth: mag * 2^(S-127-(B-1)).
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "blockfloat.h"
+#include "error.h"
+
+using afm::WeightFormat;
+
+namespace {
+
+std::vector<uint8_t> quantize(WeightFormat f, const std::vector<float>& src) {
+  std::vector<uint8_t> out(afm::block_float_row_bytes(f, int64_t(src.size())), 0xEE);
+  afm::block_float_quantize_row(f, src.data(), int64_t(src.size()), out.data());
+  return out;
+}
+
+std::vector<float> dequantize(WeightFormat f, const std::vector<uint8_t>& row, int64_t cols) {
+  std::vector<float> out(cols + 1, 123.0f);  // one sentinel past the end
+  afm::block_float_dequantize_row(f, row.data(), cols, out.data());
+  EXPECT_EQ(out[cols], 123.0f) << "wrote past the end of the row";
+  out.pop_back();
+  return out;
+}
+
+std::vector<float> block(std::initializer_list<float> head) {
+  std::vector<float> v(head);
+  v.resize(16, 0.0f);
+  return v;
+}
+
+float bits(uint32_t b) { return std::bit_cast<float>(b); }
+
+void expect_values(const std::vector<float>& got, const std::vector<float>& want) {
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); i++) {
+    EXPECT_EQ(got[i], want[i]) << "value " << i;
+    EXPECT_EQ(std::signbit(got[i]), std::signbit(want[i])) << "sign of value " << i;
+  }
+}
+
+TEST(BlockFloat, RowBytes) {
+  EXPECT_EQ(afm::block_float_row_bytes(WeightFormat::BFP8, 2560), 2720);  // 160 * (1 + 16): 8.5 bits
+  EXPECT_EQ(afm::block_float_row_bytes(WeightFormat::BFP4, 2560), 1440);  // 160 * (1 + 8): 4.5 bits
+  EXPECT_EQ(afm::block_float_row_bytes(WeightFormat::BFP8, 20), 34);      // padded to 2 blocks
+  EXPECT_EQ(afm::block_float_row_bytes(WeightFormat::BFP4, 20), 18);
+  EXPECT_EQ(afm::block_float_row_bytes(WeightFormat::BFP8, 0), 0);
+  EXPECT_THROW(afm::block_float_row_bytes(WeightFormat::BF16, 16), afm::Error);
+}
+
+TEST(BlockFloat, ScaleTables) {
+  EXPECT_EQ(afm::Bfp8::scale[0], 0.0f);
+  EXPECT_EQ(afm::Bfp8::scale[127], 0x1p-6f);
+  EXPECT_EQ(afm::Bfp4::scale[127], 0x1p-2f);
+  EXPECT_EQ(afm::Bfp8::scale[1], 0x1p-132f);  // an fp32 subnormal
+  EXPECT_EQ(afm::Bfp8::scale[255], 0x1p122f);
+}
+
+// Powers of two; the largest is 4 = 2^2, so S = 129.
+// bfp8: 4 -> 0x800000>>17 = 64; 2 -> 32; 1 -> 16; ... 2^-4 -> 1. 2^-5: 0x800000>>7 = 0x10000
+// is exactly the tie and 0 is even, so 0; 2^-6 is below the tie: 0. Worth: mag * 2^-4.
+// bfp4: 4 -> 0x800000>>21 = 4; 2 -> 2; 1 -> 1; 0.5: 0x100000 is the tie, 0 is even: 0. Worth: mag.
+TEST(BlockFloat, PowersOfTwo) {
+  const auto src = block({4, 2, 1, 0.5f, 0.25f, 0.125f, 0.0625f, 0.03125f, 0.015625f, -4, -1});
+  const std::vector<uint8_t> bfp8 = {129,  0x40, 0x20, 0x10, 0x08, 0x04, 0x02, 0x01, 0x00,
+                                     0x00, 0xC0, 0x90, 0,    0,    0,    0,    0};
+  EXPECT_EQ(quantize(WeightFormat::BFP8, src), bfp8);
+  expect_values(dequantize(WeightFormat::BFP8, bfp8, 16),
+                block({4, 2, 1, 0.5f, 0.25f, 0.125f, 0.0625f, 0, 0, -4, -1}));
+  // bfp4 codes 0..7: 4 2 1 0 0 0 0 0; codes 8..15: 0, -4 = 0xC, -1 = 0x9, 0...; byte j = c[j] | c[j+8] << 4.
+  const std::vector<uint8_t> bfp4 = {129, 0x04, 0xC2, 0x91, 0, 0, 0, 0, 0};
+  EXPECT_EQ(quantize(WeightFormat::BFP4, src), bfp4);
+  expect_values(dequantize(WeightFormat::BFP4, bfp4, 16), block({4, 2, 1, 0, 0, 0, 0, 0, 0, -4, -1}));
+}
+
+// Mixed signs and exponents; 3 = 1.5 * 2^1 and 2.5 = 1.25 * 2^1 are the largest, S = 128.
+//   3      m24 0xC00000            bfp8 96 (0x60)            bfp4 6
+//   -0.75  0xC00000>>2 = 0x300000  bfp8 24, sign: 0x98       bfp4 1 + tie, 1 odd -> 2, sign: 0xA
+//   0.1f   0xCCCCCD>>5 = 0x66666   bfp8 3 (rest 0x6666)      bfp4 0 (rest < tie)
+//   -1e-3f E = 117, >>11 < 0x10000 bfp8 0, and no sign       bfp4 0
+//   q      0x820001>>1 = 0x410000  bfp8 32 + tie, even: 32   bfp4 2
+//   2.5    m24 0xA00000            bfp8 80 (0x50)            bfp4 5
+//   -2^-5  0x800000>>6 = 0x20000   bfp8 1, sign: 0x81        bfp4 0, no sign
+//   0.046875 = 1.5*2^-5: 0x30000   bfp8 1 + tie, odd -> 2    bfp4 0
+// q = 1 + 2^-6 + 2^-23 (0x3F820001) is 32.5000038 steps: exact rounding gives 33, but tt-metal
+// shifts (dropping the 2^-23 bit) before rounding, leaving a tie that goes to even: 32.
+// Worth: bfp8 mag / 32, bfp4 mag / 2.
+TEST(BlockFloat, MixedBlock) {
+  const auto src = block({3, -0.75f, 0.1f, -1e-3f, bits(0x3F820001), 2.5f, -0.03125f, 0.046875f});
+  const std::vector<uint8_t> bfp8 = {128, 0x60, 0x98, 0x03, 0x00, 0x20, 0x50, 0x81, 0x02,
+                                     0,   0,    0,    0,    0,    0,    0,    0};
+  EXPECT_EQ(quantize(WeightFormat::BFP8, src), bfp8);
+  expect_values(dequantize(WeightFormat::BFP8, bfp8, 16),
+                block({3, -0.75f, 0.09375f, 0, 1, 2.5f, -0.03125f, 0.0625f}));
+  const std::vector<uint8_t> bfp4 = {128, 0x06, 0x0A, 0x00, 0x00, 0x02, 0x05, 0x00, 0x00};
+  EXPECT_EQ(quantize(WeightFormat::BFP4, src), bfp4);
+  expect_values(dequantize(WeightFormat::BFP4, bfp4, 16), block({3, -1, 0, 0, 1, 2.5f, 0, 0}));
+}
+
+// 1.99999988 (0x3FFFFFFF, m24 0xFFFFFF) has S = 127. bfp8: 0xFFFFFF>>17 = 127, rest 0x1FFFF
+// rounds up to 128, which saturates to 127 = 0x7F (not 0x80, not a higher exponent): worth
+// 127/64 = 1.984375. bfp4: >>21 = 7, rounds up to 8, saturates to 7: worth 7/4 = 1.75.
+// 1.9375 (m24 0xF80000) also saturates in bfp4 (7 + rest 0x180000 > tie). 1 -> 64 / 4.
+TEST(BlockFloat, RoundingSaturates) {
+  const auto src = block({bits(0x3FFFFFFF), bits(0xBFFFFFFF), 1, 1.9375f});
+  const std::vector<uint8_t> bfp8 = {127, 0x7F, 0xFF, 0x40, 0x7C, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  EXPECT_EQ(quantize(WeightFormat::BFP8, src), bfp8);  // 1.9375 = 124/64 exactly
+  expect_values(dequantize(WeightFormat::BFP8, bfp8, 16), block({1.984375f, -1.984375f, 1, 1.9375f}));
+  const std::vector<uint8_t> bfp4 = {127, 0x07, 0x0F, 0x04, 0x07, 0, 0, 0, 0};
+  EXPECT_EQ(quantize(WeightFormat::BFP4, src), bfp4);
+  expect_values(dequantize(WeightFormat::BFP4, bfp4, 16), block({1.75f, -1.75f, 1, 1.75f}));
+}
+
+// Zeros of either sign store magnitude 0 without a sign, and an all-zero block stores S = 0.
+TEST(BlockFloat, Zeros) {
+  const auto src = block({-0.0f, 0.0f, -0.0f});
+  for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
+    const auto q = quantize(f, src);
+    EXPECT_EQ(q, std::vector<uint8_t>(q.size(), 0));
+    expect_values(dequantize(f, q, 16), block({}));
+  }
+}
+
+// fp32 subnormals (E = 0) flush to 0 and do not count for S. Here S = 2 (2^-125):
+//   2^-126 (0x00800000): 0x800000>>1 >> 17 = 32; 1.5 * 2^-126: 0xC00000>>1 >> 17 = 48; 2^-125: 64.
+// Worth mag * 2^(2-133) = mag * 2^-131, itself an fp32 subnormal, exact for every magnitude.
+TEST(BlockFloat, Subnormals) {
+  const auto src = block({bits(0x00000001), bits(0x80400000), bits(0x00800000), -0.0f, bits(0x80C00000),
+                          bits(0x01000000)});
+  const std::vector<uint8_t> bfp8 = {2, 0x00, 0x00, 0x20, 0x00, 0xB0, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  EXPECT_EQ(quantize(WeightFormat::BFP8, src), bfp8);
+  expect_values(dequantize(WeightFormat::BFP8, bfp8, 16),
+                block({0, 0, 0x1p-126f, 0, -0x1.8p-126f, 0x1p-125f}));
+  // bfp4: 2^-126 -> 0x400000>>21 = 2; -1.5 * 2^-126 -> 3, sign: 0xB; 2^-125 -> 4. Worth mag * 2^-127.
+  const std::vector<uint8_t> bfp4 = {2, 0x00, 0x00, 0x02, 0x00, 0x0B, 0x04, 0, 0};
+  EXPECT_EQ(quantize(WeightFormat::BFP4, src), bfp4);
+  expect_values(dequantize(WeightFormat::BFP4, bfp4, 16),
+                block({0, 0, 0x1p-126f, 0, -0x1.8p-126f, 0x1p-125f}));
+}
+
+// 20 columns: block 0 is sixteen 1s (S = 127, bfp8 64 / bfp4 4), block 1 holds -2, 0.5, 0.25, 3
+// (S = 128) and 12 zeros of padding. bfp8: -2 -> 64 | sign = 0xC0, 0.5 -> 0x200000>>17 = 16,
+// 0.25 -> 8, 3 -> 96. bfp4: -2 -> 4 | sign = 0xC, 0.5 -> 1, 0.25 -> 0x100000 tie, even: 0, 3 -> 6.
+TEST(BlockFloat, PartialLastBlock) {
+  std::vector<float> src(16, 1.0f);
+  src.insert(src.end(), {-2, 0.5f, 0.25f, 3});
+  std::vector<uint8_t> bfp8 = {127, 128};
+  bfp8.insert(bfp8.end(), 16, 0x40);
+  bfp8.insert(bfp8.end(), {0xC0, 0x10, 0x08, 0x60});
+  bfp8.insert(bfp8.end(), 12, 0);
+  EXPECT_EQ(quantize(WeightFormat::BFP8, src), bfp8);
+  expect_values(dequantize(WeightFormat::BFP8, bfp8, 20), src);
+
+  std::vector<uint8_t> bfp4 = {127, 128};
+  bfp4.insert(bfp4.end(), 8, 0x44);
+  bfp4.insert(bfp4.end(), {0x0C, 0x01, 0x00, 0x06, 0, 0, 0, 0});
+  EXPECT_EQ(quantize(WeightFormat::BFP4, src), bfp4);
+  std::vector<float> want = src;
+  want[18] = 0;
+  expect_values(dequantize(WeightFormat::BFP4, bfp4, 20), want);
+}
+
+TEST(BlockFloat, RejectsNonFinite) {
+  for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
+    EXPECT_THROW(quantize(f, block({1, std::numeric_limits<float>::infinity()})), afm::Error);
+    EXPECT_THROW(quantize(f, block({std::numeric_limits<float>::quiet_NaN()})), afm::Error);
+  }
+}
+
+// Every value comes back within M / (2^B - 1/2) of itself, M the block's largest |value|
+// (derivation in blockfloat.h); re-quantizing the result reproduces the same bytes.
+TEST(BlockFloat, RandomRoundTrip) {
+  std::mt19937 rng(1234);
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> scale_exp(-40, 40);
+  const int64_t cols = 16 * 64 + 9;
+  std::vector<float> src(cols);
+  for (int64_t b = 0; b < cols; b += 16) {
+    const float scale = std::ldexp(1.0f, scale_exp(rng));  // blocks of very different sizes
+    for (int64_t i = b; i < std::min(b + 16, cols); i++) src[i] = normal(rng) * scale;
+  }
+  for (auto [f, mag_bits] : {std::pair{WeightFormat::BFP8, 7}, std::pair{WeightFormat::BFP4, 3}}) {
+    const auto q = quantize(f, src);
+    const auto back = dequantize(f, q, cols);
+    double worst = 0;  // largest error / M seen
+    for (int64_t b = 0; b < cols; b += 16) {
+      const int64_t end = std::min(b + 16, cols);
+      float max_abs = 0;
+      for (int64_t i = b; i < end; i++) max_abs = std::max(max_abs, std::fabs(src[i]));
+      const double bound = max_abs / (std::ldexp(1.0, mag_bits) - 0.5);
+      for (int64_t i = b; i < end; i++) {
+        const double err = std::fabs(double(src[i]) - back[i]);
+        EXPECT_LE(err, bound) << "mag_bits " << mag_bits << " column " << i;
+        worst = std::max(worst, err / max_abs);
+      }
+    }
+    EXPECT_GT(worst, 0.5 / std::ldexp(1.0, mag_bits));  // the bound is not loose by 2x
+    EXPECT_EQ(quantize(f, back), q);
+  }
+}
+
+}  // namespace

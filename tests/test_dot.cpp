@@ -1,0 +1,190 @@
+// Dot kernels: every format x ISA x n_x x awkward k, against a double-precision dot of the
+// decoded weights; the scalar and AVX2 kernels must agree with each other too.
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/cpu/dot.h"
+#include "blockfloat.h"
+#include "error.h"
+
+using afm::WeightFormat;
+using afm::cpu::Isa;
+
+namespace {
+
+constexpr WeightFormat kFormats[] = {WeightFormat::F32, WeightFormat::F16, WeightFormat::BF16,
+                                     WeightFormat::BFP8, WeightFormat::BFP4};
+
+const char* name(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::F32: return "f32";
+    case WeightFormat::F16: return "f16";
+    case WeightFormat::BF16: return "bf16";
+    case WeightFormat::BFP8: return "bfp8";
+    case WeightFormat::BFP4: return "bfp4";
+  }
+  return "?";
+}
+
+// IEEE half from its fields, written independently of the kernel's converter.
+double half_value(uint16_t h) {
+  const int exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  const double mag = exp == 0 ? std::ldexp(man, -24) : std::ldexp(1024 + man, exp - 25);
+  return h & 0x8000 ? -mag : mag;
+}
+
+// One weight row of k columns in `format`, plus the exact value of each stored weight.
+struct Row {
+  std::vector<uint8_t> bytes;
+  std::vector<double> values;
+};
+
+Row make_row(WeightFormat f, int64_t k, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  Row row;
+  row.values.resize(k);
+  switch (f) {
+    case WeightFormat::F32:
+    case WeightFormat::BF16: {
+      for (int64_t i = 0; i < k; i++) {
+        const uint32_t b = std::bit_cast<uint32_t>(normal(rng));
+        if (f == WeightFormat::F32) {
+          row.bytes.insert(row.bytes.end(), {uint8_t(b), uint8_t(b >> 8), uint8_t(b >> 16), uint8_t(b >> 24)});
+          row.values[i] = std::bit_cast<float>(b);
+        } else {
+          row.bytes.insert(row.bytes.end(), {uint8_t(b >> 16), uint8_t(b >> 24)});  // truncated to bf16
+          row.values[i] = std::bit_cast<float>(b & 0xFFFF0000u);
+        }
+      }
+      break;
+    }
+    case WeightFormat::F16: {  // random finite bit patterns: subnormals and large values included
+      std::uniform_int_distribution<int> bits(0, 0xFFFF);
+      for (int64_t i = 0; i < k; i++) {
+        uint16_t h;
+        do h = uint16_t(bits(rng));
+        while (((h >> 10) & 0x1F) == 0x1F);
+        row.bytes.insert(row.bytes.end(), {uint8_t(h), uint8_t(h >> 8)});
+        row.values[i] = half_value(h);
+      }
+      break;
+    }
+    case WeightFormat::BFP8:
+    case WeightFormat::BFP4: {
+      std::vector<float> src(k), back(k);
+      std::uniform_int_distribution<int> scale_exp(-8, 8);
+      for (int64_t i = 0; i < k; i++) {
+        if (i % 16 == 0) src[i] = std::ldexp(1.0f, scale_exp(rng));  // blocks of different scales
+        else src[i] = normal(rng) * std::ldexp(1.0f, scale_exp(rng) / 4);
+      }
+      row.bytes.resize(afm::block_float_row_bytes(f, k));
+      afm::block_float_quantize_row(f, src.data(), k, row.bytes.data());
+      afm::block_float_dequantize_row(f, row.bytes.data(), k, back.data());
+      for (int64_t i = 0; i < k; i++) row.values[i] = back[i];
+      break;
+    }
+  }
+  return row;
+}
+
+std::vector<Isa> isas() {
+  std::vector<Isa> out = {Isa::Scalar};
+  if (afm::cpu::isa_supported(Isa::Avx2)) out.push_back(Isa::Avx2);
+  return out;
+}
+
+TEST(Dot, AllFormatsIsasAndShapes) {
+  if (!afm::cpu::isa_supported(Isa::Avx2)) std::printf("note: no AVX2 on this CPU, scalar only\n");
+  std::mt19937 rng(42);
+  std::normal_distribution<float> normal;
+  const int64_t ks[] = {0, 1, 5, 8, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 65, 100, 255, 256, 1000, 2560};
+  for (WeightFormat f : kFormats) {
+    for (int64_t k : ks) {
+      const Row row = make_row(f, k, rng);
+      // The weight row sits at an odd address, as a row inside a mapped file may.
+      std::vector<uint8_t> buffer(row.bytes.size() + 1);
+      std::memcpy(buffer.data() + 1, row.bytes.data(), row.bytes.size());
+      const uint8_t* w = buffer.data() + 1;
+      const int64_t stride = k + 3;
+      std::vector<float> x(afm::cpu::kMaxDotRows * stride);
+      for (float& v : x) v = normal(rng);
+
+      for (int n_x = 1; n_x <= afm::cpu::kMaxDotRows; n_x++) {
+        std::vector<std::vector<float>> outs;
+        for (Isa isa : isas()) {
+          std::vector<float> out(n_x + 1, 77.0f);
+          afm::cpu::dot_kernel(f, isa)(w, x.data(), stride, n_x, k, out.data());
+          EXPECT_EQ(out[n_x], 77.0f) << "wrote past out[n_x]";
+          out.pop_back();
+          outs.push_back(out);
+        }
+        for (int j = 0; j < n_x; j++) {
+          double ref = 0, abs_sum = 0;
+          for (int64_t i = 0; i < k; i++) {
+            const double p = row.values[i] * x[j * stride + i];
+            ref += p;
+            abs_sum += std::fabs(p);
+          }
+          // Weights decode exactly, so the only error is f32 summation: at most ~k ulps of sum |w x|.
+          const double tol = (k + 2) * 0x1p-24 * abs_sum;
+          for (size_t a = 0; a < outs.size(); a++) {
+            EXPECT_NEAR(outs[a][j], ref, tol) << name(f) << " " << afm::cpu::isa_name(isas()[a]) << " k=" << k
+                                              << " n_x=" << n_x << " row " << j;
+          }
+          if (outs.size() == 2) {
+            EXPECT_NEAR(outs[0][j], outs[1][j], 2 * tol) << name(f) << " scalar vs avx2, k=" << k;
+          }
+        }
+      }
+    }
+  }
+}
+
+// The ISA is chosen per call, so each variant is reachable on a CPU that has it.
+TEST(Dot, IsaSelection) {
+  EXPECT_TRUE(afm::cpu::isa_supported(Isa::Scalar));
+  EXPECT_TRUE(afm::cpu::isa_supported(afm::cpu::best_isa()));
+  for (WeightFormat f : kFormats) {
+    EXPECT_NE(afm::cpu::dot_kernel(f, Isa::Scalar), nullptr);
+    if (afm::cpu::isa_supported(Isa::Avx2)) {
+      EXPECT_NE(afm::cpu::dot_kernel(f, Isa::Avx2), afm::cpu::dot_kernel(f, Isa::Scalar));
+      EXPECT_EQ(afm::cpu::dot_kernel(f), afm::cpu::dot_kernel(f, Isa::Avx2));
+    } else {
+      EXPECT_THROW(afm::cpu::dot_kernel(f, Isa::Avx2), afm::Error);
+    }
+  }
+}
+
+TEST(Dot, RejectsBadRowCount) {
+  const float w[4] = {}, x[4] = {};
+  float out[8];
+  for (Isa isa : isas()) {
+    const auto dot = afm::cpu::dot_kernel(WeightFormat::F32, isa);
+    EXPECT_THROW(dot(reinterpret_cast<const uint8_t*>(w), x, 4, 0, 4, out), afm::Error);
+    EXPECT_THROW(dot(reinterpret_cast<const uint8_t*>(w), x, 4, 5, 4, out), afm::Error);
+  }
+}
+
+// Special f16 values through both converters: +-0, subnormals, the smallest and largest normals.
+TEST(Dot, F16SpecialValues) {
+  const uint16_t halves[16] = {0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x0400, 0x7BFF, 0xFBFF,
+                               0x3C00, 0xBC00, 0x3555, 0x0200, 0x83FF, 0x0000, 0x0000, 0x0000};
+  for (Isa isa : isas()) {
+    for (int i = 0; i < 16; i++) {
+      std::vector<float> x(16, 0.0f);
+      x[i] = 1.0f;
+      float out;
+      afm::cpu::dot_kernel(WeightFormat::F16, isa)(reinterpret_cast<const uint8_t*>(halves), x.data(), 16, 1, 16,
+                                                     &out);
+      EXPECT_EQ(out, half_value(halves[i])) << afm::cpu::isa_name(isa) << " half 0x" << std::hex << halves[i];
+    }
+  }
+}
+
+}  // namespace
