@@ -12,9 +12,9 @@ namespace afm {
 
 namespace {
 
-// The sign+magnitude code of one fp32 value (bits) in a block with shared exponent shared_exp.
+// The signed magnitude of one fp32 value (bits) in a block with shared exponent shared_exp.
 template <int MagBits>
-uint32_t encode(uint32_t bits, uint32_t shared_exp) {
+int encode(uint32_t bits, uint32_t shared_exp) {
   const uint32_t exp = (bits >> 23) & 0xFF;
   if (exp == 0) return 0;  // zero or subnormal: flushed, and no negative zero
   constexpr int kShift = 24 - MagBits;
@@ -25,7 +25,7 @@ uint32_t encode(uint32_t bits, uint32_t shared_exp) {
   uint32_t mag = mantissa >> kShift;
   if (rest > kTie || (rest == kTie && (mag & 1))) mag++;
   mag = std::min(mag, BlockFloat<MagBits>::mag_mask);  // saturate rather than carry
-  return mag == 0 ? 0 : (bits >> 31) << MagBits | mag;
+  return bits >> 31 ? -int(mag) : int(mag);  // -0 is 0: a zero magnitude has no sign
 }
 
 template <int MagBits>
@@ -49,10 +49,11 @@ void quantize_row(const float* src, int64_t cols, uint8_t* dst) {
     dst[b] = uint8_t(shared_exp);
     uint8_t* out = payload + b * BF::payload_bytes;
     if constexpr (MagBits == 7) {
-      for (int j = 0; j < 16; j++) out[j] = uint8_t(encode<7>(bits[j], shared_exp));
+      for (int j = 0; j < 16; j++) out[j] = uint8_t(int8_t(encode<7>(bits[j], shared_exp)));
     } else {
       for (int j = 0; j < 8; j++) {
-        out[j] = uint8_t(encode<3>(bits[j], shared_exp) | encode<3>(bits[j + 8], shared_exp) << 4);
+        const int low = encode<3>(bits[j], shared_exp), high = encode<3>(bits[j + 8], shared_exp);
+        out[j] = uint8_t((low & 0xF) | (high & 0xF) << 4);
       }
     }
   }

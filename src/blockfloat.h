@@ -8,7 +8,7 @@
 // A zero magnitude never carries a sign, and a block whose values are all zero stores e = 0.
 //
 // Rounding follows tt-metal's convert_u32_to_bfp (bfloat8_b / bfloat4_b, no exponent rebias)
-// bit for bit, so our bytes match what a Tenstorrent device would be fed:
+// bit for bit, so every shared exponent and magnitude matches what tt-metal would produce:
 //   - fp32 zeros and subnormals (biased exponent 0) become magnitude 0 and do not raise the
 //     shared exponent;
 //   - the 24-bit mantissa (hidden bit set) is first shifted right by (shared - own exponent),
@@ -26,10 +26,14 @@
 //
 // Packed row layout, chosen so SIMD decoding needs no gathers and reads two forward streams:
 //     [exponent of block 0 .. exponent of block nb-1][payload of block 0 .. payload of block nb-1]
-// with nb = ceil(cols / 16). bfp8 payload: 16 bytes, byte j = sign(bit 7) | magnitude(bits 0-6)
-// of value j (tt-metal's mantissa byte). bfp4 payload: 8 bytes, byte j holds value j in its low
-// nibble and value j + 8 in its high nibble (sign in the nibble's bit 3), so masking the low or
-// the high nibbles of the 8 bytes yields 8 values in order. That is 17 bytes / 16 values
+// with nb = ceil(cols / 16). bfp8 payload: 16 bytes, byte j = value j's signed magnitude as a
+// two's-complement int8 (-127..127). bfp4 payload: 8 bytes, byte j holds value j's signed
+// magnitude as a two's-complement nibble (-7..7) in its low half and value j + 8's in its high
+// half. Both are tt-metal's sign|magnitude codes re-encoded (same information; tt-metal code =
+// v < 0 ? sign_bit | -v : v), because two's complement widens to int32 with sign-extending
+// loads and shifts (pmovsxbd; pslld/psrad for the nibbles) instead of extra mask/sign/table
+// shuffles, which measured ~1.5x faster decoding; the nibble order puts 8 values in order in
+// each half of the 8 bytes. That is 17 bytes / 16 values
 // (8.5 bits) and 9 bytes / 16 values (4.5 bits). A row whose length is not a multiple of 16 has
 // its last block padded with zeros (these neither raise the exponent nor decode to anything).
 #pragma once
@@ -75,27 +79,22 @@ struct BlockFloat {
     return table;
   }();
 
-  // The sign+magnitude code of value j (0..15) of a block's payload.
-  static uint32_t code(const uint8_t* payload, int j) {
+  // The signed magnitude of value j (0..15) of a block's payload.
+  static int signed_magnitude(const uint8_t* payload, int j) {
     if constexpr (MagBits == 7) {
-      return payload[j];
+      return int8_t(payload[j]);
     } else {
       static_assert(MagBits == 3);
-      const uint8_t byte = payload[j & 7];
-      return j < 8 ? byte & 0xF : byte >> 4;
+      const int byte = int8_t(payload[j & 7]);
+      return j < 8 ? int8_t(byte << 4) >> 4 : byte >> 4;  // sign-extend the nibble
     }
-  }
-  static int signed_magnitude(uint32_t code) {
-    const int m = int(code & mag_mask);
-    return code >> MagBits ? -m : m;
   }
 
   // Value i of a packed row: `exps` is the row's start, `payloads` = exps + block_float_blocks(cols).
   // The portable, one-at-a-time decoder.
   static float value(const uint8_t* exps, const uint8_t* payloads, int64_t i) {
     const int64_t b = i / kBlockFloatBlock;
-    const uint32_t c = code(payloads + b * payload_bytes, int(i % kBlockFloatBlock));
-    return float(signed_magnitude(c)) * scale[exps[b]];
+    return float(signed_magnitude(payloads + b * payload_bytes, int(i % kBlockFloatBlock))) * scale[exps[b]];
   }
 };
 

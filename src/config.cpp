@@ -1,6 +1,8 @@
 #include "config.h"
 
 #include <fstream>
+#include <limits>
+#include <type_traits>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -12,29 +14,41 @@ using json = nlohmann::json;
 
 namespace {
 
+// j[key] as T; integers must be whole numbers in T's range, so 64.7 or 2^32 is no silent truncation.
+template <typename T>
+T convert(const json& j, const char* key, const std::string& source) {
+  const json& value = j[key];
+  const Error wrong_type(source + ": key \"" + key + "\" has the wrong type or range (" + value.dump() + ")");
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    if (!value.is_number_integer()) throw wrong_type;
+    const int64_t v = value.get<int64_t>();
+    if (value.is_number_unsigned() && value.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max())) throw wrong_type;
+    if (v < int64_t(std::numeric_limits<T>::min()) || v > int64_t(std::numeric_limits<T>::max())) throw wrong_type;
+    return T(v);
+  } else {
+    try {
+      return value.get<T>();
+    } catch (const json::exception&) {
+      throw wrong_type;
+    }
+  }
+}
+
 template <typename T>
 T required(const json& j, const char* key, const std::string& source) {
   if (!j.contains(key) || j[key].is_null()) throw Error(source + ": missing required key \"" + key + "\"");
-  try {
-    return j[key].get<T>();
-  } catch (const json::exception&) {
-    throw Error(source + ": key \"" + key + "\" has the wrong type (" + j[key].dump() + ")");
-  }
+  return convert<T>(j, key, source);
 }
 
 template <typename T>
 T optional_key(const json& j, const char* key, T fallback, const std::string& source) {
   if (!j.contains(key) || j[key].is_null()) return fallback;
-  try {
-    return j[key].get<T>();
-  } catch (const json::exception&) {
-    throw Error(source + ": key \"" + key + "\" has the wrong type (" + j[key].dump() + ")");
-  }
+  return convert<T>(j, key, source);
 }
 
-std::optional<double> maybe_double(const json& j, const char* key) {
+std::optional<double> maybe_double(const json& j, const char* key, const std::string& source) {
   if (!j.contains(key) || j[key].is_null()) return std::nullopt;
-  return j[key].get<double>();
+  return convert<double>(j, key, source);
 }
 
 RopeConfig parse_rope(const json& root, int64_t max_positions, const std::string& source) {
@@ -62,9 +76,9 @@ RopeConfig parse_rope(const json& root, int64_t max_positions, const std::string
   double beta_slow = optional_key<double>(s, "beta_slow", 0.0, where);
   rope.beta_fast = beta_fast ? beta_fast : 32.0;
   rope.beta_slow = beta_slow ? beta_slow : 1.0;
-  rope.attention_factor = maybe_double(s, "attention_factor");
-  rope.mscale = maybe_double(s, "mscale");
-  rope.mscale_all_dim = maybe_double(s, "mscale_all_dim");
+  rope.attention_factor = maybe_double(s, "attention_factor", where);
+  rope.mscale = maybe_double(s, "mscale", where);
+  rope.mscale_all_dim = maybe_double(s, "mscale_all_dim", where);
   rope.truncate = optional_key<bool>(s, "truncate", true, where);
   rope.low_freq_factor = optional_key<double>(s, "low_freq_factor", 1.0, where);
   rope.high_freq_factor = optional_key<double>(s, "high_freq_factor", 4.0, where);
@@ -75,11 +89,16 @@ RopeConfig parse_rope(const json& root, int64_t max_positions, const std::string
   return rope;
 }
 
-std::vector<int32_t> parse_ids(const json& value, const std::string& source, const char* key) {
-  if (value.is_null()) return {};
-  if (value.is_number_integer()) return {value.get<int32_t>()};
-  if (value.is_array()) return value.get<std::vector<int32_t>>();
-  throw Error(source + ": \"" + key + "\" must be an integer or a list of integers");
+// A token id or a list of them, as eos_token_id may be either.
+std::vector<int32_t> parse_ids(const json& root, const char* key, const std::string& source) {
+  if (!root.contains(key) || root[key].is_null()) return {};
+  if (!root[key].is_array()) return {convert<int32_t>(root, key, source)};
+  std::vector<int32_t> ids;
+  for (size_t i = 0; i < root[key].size(); i++) {
+    const json element = {{key, root[key][i]}};
+    ids.push_back(convert<int32_t>(element, key, source));
+  }
+  return ids;
 }
 
 }  // namespace
@@ -111,15 +130,15 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
                 ") must be a multiple of num_key_value_heads (" + std::to_string(c.num_kv_heads) + ")");
   if (c.head_dim <= 0 || c.head_dim % 2 != 0) throw Error(source + ": head_dim must be positive and even");
   c.max_position_embeddings = optional_key<int64_t>(root, "max_position_embeddings", 2048, source);
+  if (c.max_position_embeddings <= 0) throw Error(source + ": max_position_embeddings must be positive");
   c.rms_norm_eps = optional_key<double>(root, "rms_norm_eps", 1e-6, source);
   c.hidden_act = optional_key<std::string>(root, "hidden_act", "silu", source);
   c.tie_word_embeddings = optional_key<bool>(root, "tie_word_embeddings", false, source);
   c.attention_bias = optional_key<bool>(root, "attention_bias", false, source);
   c.mlp_bias = optional_key<bool>(root, "mlp_bias", false, source);
   c.rope = parse_rope(root, c.max_position_embeddings, source);
-  if (root.contains("bos_token_id") && root["bos_token_id"].is_number_integer())
-    c.bos_token_id = root["bos_token_id"].get<int32_t>();
-  if (root.contains("eos_token_id")) c.eos_token_ids = parse_ids(root["eos_token_id"], source, "eos_token_id");
+  if (auto bos = parse_ids(root, "bos_token_id", source); !bos.empty()) c.bos_token_id = bos[0];
+  c.eos_token_ids = parse_ids(root, "eos_token_id", source);
   return c;
 }
 

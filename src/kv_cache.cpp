@@ -1,5 +1,6 @@
 #include "kv_cache.h"
 
+#include <algorithm>
 #include <string>
 
 #include "error.h"
@@ -40,10 +41,15 @@ KVCache::KVCache(std::shared_ptr<BlockPool> pool, int64_t max_positions)
 
 KVCache::~KVCache() { clear(); }
 
-void KVCache::clear() {
-  for (int32_t block : block_table_) pool_->release(block);
-  block_table_.clear();
-  length_ = 0;
+void KVCache::clear() { truncate(0); }
+
+void KVCache::truncate(int64_t length) {
+  const int64_t blocks_needed = (length + shape().block_size - 1) / shape().block_size;
+  while (int64_t(block_table_.size()) > blocks_needed) {
+    pool_->release(block_table_.back());
+    block_table_.pop_back();
+  }
+  length_ = std::min(length_, length);
 }
 
 void KVCache::reserve(int64_t end) {

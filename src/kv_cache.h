@@ -51,6 +51,8 @@ class KVCache {
   // Mark positions [0, end) as filled (after the backend wrote them).
   void set_length(int64_t end) { length_ = end; }
   void clear();
+  // Forget positions from `length` on, returning whole blocks past it to the pool.
+  void truncate(int64_t length);
 
   // Row of head_dim floats for (layer, kv_head, position).
   float* key(int64_t layer, int64_t kv_head, int64_t pos);

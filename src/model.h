@@ -20,6 +20,7 @@ struct ModelOptions {
   int64_t max_seq_len = 0;                    // 0: the config's limit, capped by available memory
   WeightFormat weights = WeightFormat::F32;
   int num_threads = 0;                        // 0: all cores
+  std::function<void(int64_t done, int64_t total)> on_progress;  // called as weight layers load
 };
 
 // Called with the input of each decoder layer (layer < num_layers) and, last, with the final
@@ -76,7 +77,10 @@ class WeightLoader {
 
 std::unique_ptr<Model> build_model(const std::string& checkpoint_dir, const ModelOptions& options = {});
 inline std::unique_ptr<Model> build_model(const std::string& checkpoint_dir, Device device, int64_t max_seq_len = 0) {
-  return build_model(checkpoint_dir, ModelOptions{device, max_seq_len});
+  ModelOptions options;
+  options.device = device;
+  options.max_seq_len = max_seq_len;
+  return build_model(checkpoint_dir, options);
 }
 
 }  // namespace afm

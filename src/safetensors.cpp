@@ -157,10 +157,13 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
       if (offsets[1] > data_size)
         throw Error(where + " ends at byte " + std::to_string(offsets[1]) + " but the file has only " +
                     std::to_string(data_size) + " data bytes: truncated file");
+      // The element count times the dtype size must equal the byte range, without overflowing.
+      int64_t expected_bytes = dtype_size(view.dtype);
       for (int64_t d : view.shape)
-        if (d < 0) throw Error(where + ": negative dimension");
+        if (d < 0 || __builtin_mul_overflow(expected_bytes, d, &expected_bytes))
+          throw Error(where + ": impossible shape " + view.describe());
       view.nbytes = int64_t(offsets[1] - offsets[0]);
-      if (view.nbytes != view.numel() * dtype_size(view.dtype))
+      if (view.nbytes != expected_bytes)
         throw Error(where + ": " + std::to_string(view.nbytes) + " bytes do not hold shape " + view.describe());
       view.data = bytes + data_start + offsets[0];
       view.owner = mapping;

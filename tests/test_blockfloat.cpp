@@ -2,6 +2,7 @@
 // Notation: a normal fp32 value is 1.f * 2^(E-127); its 24-bit mantissa m24 has the hidden bit at
 // bit 23. With shared exponent S, the code is round(m24 >> (S-E), to 24-B bits dropped) where
 // B = 7 (bfp8) / 3 (bfp4): drop 17 / 21 bits, tie = 0x10000 / 0x100000. Worth: mag * 2^(S-127-(B-1)).
+// Stored: signed magnitudes in two's complement, bfp8 as int8 bytes, bfp4 as nibbles (-1 = 0xF).
 #include <gtest/gtest.h>
 
 #include <bit>
@@ -71,50 +72,50 @@ TEST(BlockFloat, ScaleTables) {
 TEST(BlockFloat, PowersOfTwo) {
   const auto src = block({4, 2, 1, 0.5f, 0.25f, 0.125f, 0.0625f, 0.03125f, 0.015625f, -4, -1});
   const std::vector<uint8_t> bfp8 = {129,  0x40, 0x20, 0x10, 0x08, 0x04, 0x02, 0x01, 0x00,
-                                     0x00, 0xC0, 0x90, 0,    0,    0,    0,    0};
+                                     0x00, 0xC0, 0xF0, 0,    0,    0,    0,    0};  // -64, -16
   EXPECT_EQ(quantize(WeightFormat::BFP8, src), bfp8);
   expect_values(dequantize(WeightFormat::BFP8, bfp8, 16),
                 block({4, 2, 1, 0.5f, 0.25f, 0.125f, 0.0625f, 0, 0, -4, -1}));
-  // bfp4 codes 0..7: 4 2 1 0 0 0 0 0; codes 8..15: 0, -4 = 0xC, -1 = 0x9, 0...; byte j = c[j] | c[j+8] << 4.
-  const std::vector<uint8_t> bfp4 = {129, 0x04, 0xC2, 0x91, 0, 0, 0, 0, 0};
+  // bfp4 codes 0..7: 4 2 1 0 0 0 0 0; codes 8..15: 0, -4 = 0xC, -1 = 0xF, 0...; byte j = c[j] | c[j+8] << 4.
+  const std::vector<uint8_t> bfp4 = {129, 0x04, 0xC2, 0xF1, 0, 0, 0, 0, 0};
   EXPECT_EQ(quantize(WeightFormat::BFP4, src), bfp4);
   expect_values(dequantize(WeightFormat::BFP4, bfp4, 16), block({4, 2, 1, 0, 0, 0, 0, 0, 0, -4, -1}));
 }
 
 // Mixed signs and exponents; 3 = 1.5 * 2^1 and 2.5 = 1.25 * 2^1 are the largest, S = 128.
 //   3      m24 0xC00000            bfp8 96 (0x60)            bfp4 6
-//   -0.75  0xC00000>>2 = 0x300000  bfp8 24, sign: 0x98       bfp4 1 + tie, 1 odd -> 2, sign: 0xA
+//   -0.75  0xC00000>>2 = 0x300000  bfp8 -24 = 0xE8           bfp4 1 + tie, 1 odd -> 2: -2 = 0xE
 //   0.1f   0xCCCCCD>>5 = 0x66666   bfp8 3 (rest 0x6666)      bfp4 0 (rest < tie)
 //   -1e-3f E = 117, >>11 < 0x10000 bfp8 0, and no sign       bfp4 0
 //   q      0x820001>>1 = 0x410000  bfp8 32 + tie, even: 32   bfp4 2
 //   2.5    m24 0xA00000            bfp8 80 (0x50)            bfp4 5
-//   -2^-5  0x800000>>6 = 0x20000   bfp8 1, sign: 0x81        bfp4 0, no sign
+//   -2^-5  0x800000>>6 = 0x20000   bfp8 -1 = 0xFF            bfp4 0, no sign
 //   0.046875 = 1.5*2^-5: 0x30000   bfp8 1 + tie, odd -> 2    bfp4 0
 // q = 1 + 2^-6 + 2^-23 (0x3F820001) is 32.5000038 steps: exact rounding gives 33, but tt-metal
 // shifts (dropping the 2^-23 bit) before rounding, leaving a tie that goes to even: 32.
 // Worth: bfp8 mag / 32, bfp4 mag / 2.
 TEST(BlockFloat, MixedBlock) {
   const auto src = block({3, -0.75f, 0.1f, -1e-3f, bits(0x3F820001), 2.5f, -0.03125f, 0.046875f});
-  const std::vector<uint8_t> bfp8 = {128, 0x60, 0x98, 0x03, 0x00, 0x20, 0x50, 0x81, 0x02,
+  const std::vector<uint8_t> bfp8 = {128, 0x60, 0xE8, 0x03, 0x00, 0x20, 0x50, 0xFF, 0x02,
                                      0,   0,    0,    0,    0,    0,    0,    0};
   EXPECT_EQ(quantize(WeightFormat::BFP8, src), bfp8);
   expect_values(dequantize(WeightFormat::BFP8, bfp8, 16),
                 block({3, -0.75f, 0.09375f, 0, 1, 2.5f, -0.03125f, 0.0625f}));
-  const std::vector<uint8_t> bfp4 = {128, 0x06, 0x0A, 0x00, 0x00, 0x02, 0x05, 0x00, 0x00};
+  const std::vector<uint8_t> bfp4 = {128, 0x06, 0x0E, 0x00, 0x00, 0x02, 0x05, 0x00, 0x00};
   EXPECT_EQ(quantize(WeightFormat::BFP4, src), bfp4);
   expect_values(dequantize(WeightFormat::BFP4, bfp4, 16), block({3, -1, 0, 0, 1, 2.5f, 0, 0}));
 }
 
 // 1.99999988 (0x3FFFFFFF, m24 0xFFFFFF) has S = 127. bfp8: 0xFFFFFF>>17 = 127, rest 0x1FFFF
-// rounds up to 128, which saturates to 127 = 0x7F (not 0x80, not a higher exponent): worth
-// 127/64 = 1.984375. bfp4: >>21 = 7, rounds up to 8, saturates to 7: worth 7/4 = 1.75.
+// rounds up to 128, which saturates to 127 = 0x7F (-127 = 0x81; no carry into the exponent): worth
+// 127/64 = 1.984375. bfp4: >>21 = 7, rounds up to 8, saturates to 7 (-7 = 0x9): worth 7/4 = 1.75.
 // 1.9375 (m24 0xF80000) also saturates in bfp4 (7 + rest 0x180000 > tie). 1 -> 64 / 4.
 TEST(BlockFloat, RoundingSaturates) {
   const auto src = block({bits(0x3FFFFFFF), bits(0xBFFFFFFF), 1, 1.9375f});
-  const std::vector<uint8_t> bfp8 = {127, 0x7F, 0xFF, 0x40, 0x7C, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  const std::vector<uint8_t> bfp8 = {127, 0x7F, 0x81, 0x40, 0x7C, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
   EXPECT_EQ(quantize(WeightFormat::BFP8, src), bfp8);  // 1.9375 = 124/64 exactly
   expect_values(dequantize(WeightFormat::BFP8, bfp8, 16), block({1.984375f, -1.984375f, 1, 1.9375f}));
-  const std::vector<uint8_t> bfp4 = {127, 0x07, 0x0F, 0x04, 0x07, 0, 0, 0, 0};
+  const std::vector<uint8_t> bfp4 = {127, 0x07, 0x09, 0x04, 0x07, 0, 0, 0, 0};
   EXPECT_EQ(quantize(WeightFormat::BFP4, src), bfp4);
   expect_values(dequantize(WeightFormat::BFP4, bfp4, 16), block({1.75f, -1.75f, 1, 1.75f}));
 }
@@ -135,20 +136,20 @@ TEST(BlockFloat, Zeros) {
 TEST(BlockFloat, Subnormals) {
   const auto src = block({bits(0x00000001), bits(0x80400000), bits(0x00800000), -0.0f, bits(0x80C00000),
                           bits(0x01000000)});
-  const std::vector<uint8_t> bfp8 = {2, 0x00, 0x00, 0x20, 0x00, 0xB0, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  const std::vector<uint8_t> bfp8 = {2, 0x00, 0x00, 0x20, 0x00, 0xD0, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};  // -48
   EXPECT_EQ(quantize(WeightFormat::BFP8, src), bfp8);
   expect_values(dequantize(WeightFormat::BFP8, bfp8, 16),
                 block({0, 0, 0x1p-126f, 0, -0x1.8p-126f, 0x1p-125f}));
-  // bfp4: 2^-126 -> 0x400000>>21 = 2; -1.5 * 2^-126 -> 3, sign: 0xB; 2^-125 -> 4. Worth mag * 2^-127.
-  const std::vector<uint8_t> bfp4 = {2, 0x00, 0x00, 0x02, 0x00, 0x0B, 0x04, 0, 0};
+  // bfp4: 2^-126 -> 0x400000>>21 = 2; -1.5 * 2^-126 -> -3 = 0xD; 2^-125 -> 4. Worth mag * 2^-127.
+  const std::vector<uint8_t> bfp4 = {2, 0x00, 0x00, 0x02, 0x00, 0x0D, 0x04, 0, 0};
   EXPECT_EQ(quantize(WeightFormat::BFP4, src), bfp4);
   expect_values(dequantize(WeightFormat::BFP4, bfp4, 16),
                 block({0, 0, 0x1p-126f, 0, -0x1.8p-126f, 0x1p-125f}));
 }
 
 // 20 columns: block 0 is sixteen 1s (S = 127, bfp8 64 / bfp4 4), block 1 holds -2, 0.5, 0.25, 3
-// (S = 128) and 12 zeros of padding. bfp8: -2 -> 64 | sign = 0xC0, 0.5 -> 0x200000>>17 = 16,
-// 0.25 -> 8, 3 -> 96. bfp4: -2 -> 4 | sign = 0xC, 0.5 -> 1, 0.25 -> 0x100000 tie, even: 0, 3 -> 6.
+// (S = 128) and 12 zeros of padding. bfp8: -2 -> -64 = 0xC0, 0.5 -> 0x200000>>17 = 16,
+// 0.25 -> 8, 3 -> 96. bfp4: -2 -> -4 = 0xC, 0.5 -> 1, 0.25 -> 0x100000 tie, even: 0, 3 -> 6.
 TEST(BlockFloat, PartialLastBlock) {
   std::vector<float> src(16, 1.0f);
   src.insert(src.end(), {-2, 0.5f, 0.25f, 3});

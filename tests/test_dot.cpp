@@ -109,7 +109,7 @@ TEST(Dot, AllFormatsIsasAndShapes) {
       const Row row = make_row(f, k, rng);
       // The weight row sits at an odd address, as a row inside a mapped file may.
       std::vector<uint8_t> buffer(row.bytes.size() + 1);
-      std::memcpy(buffer.data() + 1, row.bytes.data(), row.bytes.size());
+      if (k > 0) std::memcpy(buffer.data() + 1, row.bytes.data(), row.bytes.size());
       const uint8_t* w = buffer.data() + 1;
       const int64_t stride = k + 3;
       std::vector<float> x(afm::cpu::kMaxDotRows * stride);

@@ -24,7 +24,9 @@ struct DecoderWeights {
   std::vector<LayerWeights> layers;
 };
 
-DecoderWeights load_weights(const ModelConfig& c, const Checkpoint& checkpoint, WeightFormat format, MlpKind mlp) {
+DecoderWeights load_weights(const ModelConfig& c, const Checkpoint& checkpoint, const ModelOptions& options,
+                            MlpKind mlp) {
+  const WeightFormat format = options.weights;
   WeightLoader load(checkpoint);
   const int64_t hidden = c.hidden_size, ffn = c.intermediate_size;
   const int64_t q_dim = c.num_heads * c.head_dim, kv_dim = c.num_kv_heads * c.head_dim;
@@ -43,6 +45,7 @@ DecoderWeights load_weights(const ModelConfig& c, const Checkpoint& checkpoint, 
     if (mlp == MlpKind::SwiGLU) l.gate = load.matrix(p + "mlp.gate_proj.weight", ffn, hidden, format);
     l.up = load.matrix(p + "mlp.up_proj.weight", ffn, hidden, format);
     l.down = load.matrix(p + "mlp.down_proj.weight", hidden, ffn, format);
+    if (options.on_progress) options.on_progress(i + 1, c.num_layers);
   }
   w.final_norm = load.vector("model.norm.weight", hidden);
   const bool tied = c.tie_word_embeddings && !load.contains("lm_head.weight");
@@ -57,7 +60,7 @@ class Decoder final : public Model {
       : Model(context),
         mlp_(mlp),
         backend_(std::move(context.backend)),
-        weights_(load_weights(config_, context.checkpoint, weight_format_, mlp)),
+        weights_(load_weights(config_, context.checkpoint, context.options, mlp)),
         rope_(rope_tables(rope_frequencies(config_.rope, config_.head_dim), max_seq_len_)) {}
 
   Tensor forward(std::span<const int32_t> tokens, std::span<const int32_t> positions, KVCache& cache, Logits rows,

@@ -39,19 +39,24 @@ float f16_to_f32(uint16_t h) {
 }
 
 // Row readers: at(i) is the portable decoder of weight i; the AVX2 section adds load16().
+// Block-float readers set kBlockScaled: load16 then yields the signed magnitudes of one block,
+// which the kernel scales once per block after summing their products with x.
 struct F32Row {
+  static constexpr bool kBlockScaled = false;
   const uint8_t* p;
   F32Row(const uint8_t* row, int64_t) : p(row) {}
   float at(int64_t i) const { return load<float>(p + 4 * i); }
 };
 
 struct F16Row {
+  static constexpr bool kBlockScaled = false;
   const uint8_t* p;
   F16Row(const uint8_t* row, int64_t) : p(row) {}
   float at(int64_t i) const { return f16_to_f32(load<uint16_t>(p + 2 * i)); }
 };
 
 struct BF16Row {
+  static constexpr bool kBlockScaled = false;
   const uint8_t* p;
   BF16Row(const uint8_t* row, int64_t) : p(row) {}
   float at(int64_t i) const { return std::bit_cast<float>(uint32_t(load<uint16_t>(p + 2 * i)) << 16); }
@@ -59,10 +64,13 @@ struct BF16Row {
 
 template <class BF>
 struct BfpRow {
+  static constexpr bool kBlockScaled = true;
   const uint8_t* exps;
   const uint8_t* payloads;
   BfpRow(const uint8_t* row, int64_t k) : exps(row), payloads(row + block_float_blocks(k)) {}
   float at(int64_t i) const { return BF::value(exps, payloads, i); }
+  float scale(int64_t i) const { return BF::scale[exps[i / kBlockFloatBlock]]; }
+  const uint8_t* payload(int64_t i) const { return payloads + i / kBlockFloatBlock * BF::payload_bytes; }
 };
 
 [[noreturn]] void bad_n_x(int n_x) {
@@ -104,31 +112,20 @@ AFM_AVX2 inline void load16(const BF16Row& w, int64_t i, __m256 v[2]) {
   v[1] = bf16x8_to_f32(w.p + 2 * i + 16);
 }
 
-// 16 signed magnitudes (int8, in value order) times the block's scale.
-AFM_AVX2 inline void scale16(__m128i mags, float scale, __m256 v[2]) {
-  const __m256 s = _mm256_set1_ps(scale);
-  v[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(mags)), s);
-  v[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(mags, mags))), s);
-}
+// 8 int8 (low half of m) to f32.
+AFM_AVX2 inline __m256 i8x8_to_f32(__m128i m) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(m)); }
 
 AFM_AVX2 inline void load16(const BfpRow<Bfp8>& w, int64_t i, __m256 v[2]) {
-  const int64_t b = i / kBlockFloatBlock;
-  const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.payloads + b * Bfp8::payload_bytes));
-  // Sign-magnitude to two's complement: psignb negates the magnitude where the code is negative.
-  const __m128i mags = _mm_sign_epi8(_mm_and_si128(codes, _mm_set1_epi8(0x7F)), codes);
-  scale16(mags, Bfp8::scale[w.exps[b]], v);
+  const uint8_t* p = w.payload(i);  // int8 magnitudes, widened straight from memory
+  v[0] = i8x8_to_f32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  v[1] = i8x8_to_f32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
 }
 
 AFM_AVX2 inline void load16(const BfpRow<Bfp4>& w, int64_t i, __m256 v[2]) {
-  const int64_t b = i / kBlockFloatBlock;
-  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.payloads + b * Bfp4::payload_bytes));
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  // Low nibbles hold values 0..7, high nibbles values 8..15 (see blockfloat.h).
-  const __m128i codes = _mm_unpacklo_epi64(_mm_and_si128(bytes, nibble),
-                                           _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
-  // A 4-bit code (sign in bit 3) to its signed magnitude by table lookup.
-  const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, -1, -2, -3, -4, -5, -6, -7);
-  scale16(_mm_shuffle_epi8(table, codes), Bfp4::scale[w.exps[b]], v);
+  // Each byte sign-extended to int32 holds value j in bits 0-3 and value j + 8 in bits 4-31.
+  const __m256i bytes = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.payload(i))));
+  v[0] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(bytes, 28), 28));
+  v[1] = _mm256_cvtepi32_ps(_mm256_srai_epi32(bytes, 4));
 }
 
 AFM_AVX2 inline float hsum(__m256 v) {
@@ -138,13 +135,28 @@ AFM_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// acc_lo[j] += w[0] * x_j[0..8), acc_hi[j] += w[1] * x_j[8..16) for each activation row j.
-template <int NX>
-AFM_AVX2 inline void fma16(const __m256 w[2], const float* x, int64_t x_stride, __m256* acc_lo, __m256* acc_hi) {
+// Adds weights i..i+15 times x_j[i..i+16) to the accumulators of each activation row j.
+template <int NX, class Row>
+AFM_AVX2 inline void fma16(const Row& w, int64_t i, const float* x, int64_t x_stride, __m256* acc_lo,
+                           __m256* acc_hi) {
+  __m256 v[2];
+  load16(w, i, v);
+  x += i;
+  if constexpr (Row::kBlockScaled) {
+    // One multiply by the block scale per row instead of two per block of weights.
+    const __m256 scale = _mm256_set1_ps(w.scale(i));
 #pragma GCC unroll 4
-  for (int j = 0; j < NX; j++) {
-    acc_lo[j] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x + j * x_stride), acc_lo[j]);
-    acc_hi[j] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + j * x_stride + 8), acc_hi[j]);
+    for (int j = 0; j < NX; j++) {
+      const __m256 sum = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(x + j * x_stride + 8),
+                                         _mm256_mul_ps(v[0], _mm256_loadu_ps(x + j * x_stride)));
+      acc_lo[j] = _mm256_fmadd_ps(sum, scale, acc_lo[j]);
+    }
+  } else {
+#pragma GCC unroll 4
+    for (int j = 0; j < NX; j++) {
+      acc_lo[j] = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(x + j * x_stride), acc_lo[j]);
+      acc_hi[j] = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(x + j * x_stride + 8), acc_hi[j]);
+    }
   }
 }
 
@@ -160,16 +172,10 @@ AFM_AVX2 void dot_avx2_n(const Row& w, const float* x, int64_t x_stride, int64_t
   int64_t i = 0;
   for (; i + 16 * kChunks <= k; i += 16 * kChunks) {
 #pragma GCC unroll 2
-    for (int c = 0; c < kChunks; c++) {
-      __m256 v[2];
-      load16(w, i + 16 * c, v);
-      fma16<NX>(v, x + i + 16 * c, x_stride, acc[2 * c], acc[2 * c + 1]);
-    }
+    for (int c = 0; c < kChunks; c++) fma16<NX>(w, i + 16 * c, x, x_stride, acc[2 * c], acc[2 * c + 1]);
   }
   if (kChunks > 1 && i + 16 <= k) {
-    __m256 v[2];
-    load16(w, i, v);
-    fma16<NX>(v, x + i, x_stride, acc[0], acc[1]);
+    fma16<NX>(w, i, x, x_stride, acc[0], acc[1]);
     i += 16;
   }
   for (int j = 0; j < NX; j++) {

@@ -1,0 +1,125 @@
+// Matrix-vector products through the dot kernels, single thread, on AFM-4.5B's MLP shapes:
+// gate/up W [18432, 2560] and down W [2560, 18432]. "GB/s" counts weight bytes streamed, to
+// compare with ReadBandwidth, a plain AVX2 read of the same number of bytes (what memory gives).
+// A third shape, [64, 2560], stays in L2 and shows what the kernel could do if memory kept up.
+// Args: format (WeightFormat), isa (0 scalar, 1 avx2), n_x (activation rows),
+// shape (0 up, 1 down, 2 in-cache). Times are CPU time: the build machine is shared.
+#include <benchmark/benchmark.h>
+
+#include <immintrin.h>
+
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "backends/cpu/dot.h"
+#include "blockfloat.h"
+
+using afm::WeightFormat;
+
+namespace {
+
+constexpr int64_t kHidden = 2560, kIntermediate = 18432;
+
+struct Matrix {
+  int64_t rows, cols, row_bytes;
+  std::vector<uint8_t> data;
+};
+
+Matrix make_matrix(WeightFormat f, int64_t rows, int64_t cols) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  std::vector<float> src(cols);
+  Matrix m{rows, cols, 0, {}};
+  m.row_bytes = f == WeightFormat::F32 ? 4 * cols
+                : f == WeightFormat::F16 || f == WeightFormat::BF16 ? 2 * cols
+                : afm::block_float_row_bytes(f, cols);
+  m.data.resize(rows * m.row_bytes);
+  for (float& v : src) v = normal(rng);
+  for (int64_t r = 0; r < rows; r++) {
+    uint8_t* dst = m.data.data() + r * m.row_bytes;
+    src[r % cols] = normal(rng);  // rows differ a little; contents do not matter for speed
+    if (afm::is_block_float(f)) {
+      afm::block_float_quantize_row(f, src.data(), cols, dst);
+    } else if (f == WeightFormat::F32) {
+      std::memcpy(dst, src.data(), m.row_bytes);
+    } else {  // f16 / bf16 bit patterns; any finite values will do
+      for (int64_t i = 0; i < cols; i++) {
+        const uint16_t h = f == WeightFormat::BF16 ? uint16_t(std::bit_cast<uint32_t>(src[i]) >> 16)
+                                                   : uint16_t(0x2000 + (i * 37 + r) % 0x3000);
+        std::memcpy(dst + 2 * i, &h, 2);
+      }
+    }
+  }
+  return m;
+}
+
+void Dot(benchmark::State& state) {
+  const auto format = WeightFormat(state.range(0));
+  const auto isa = state.range(1) ? afm::cpu::Isa::Avx2 : afm::cpu::Isa::Scalar;
+  const int n_x = int(state.range(2));
+  const int shape = int(state.range(3));
+  if (!afm::cpu::isa_supported(isa)) {
+    state.SkipWithError("ISA not supported on this CPU");
+    return;
+  }
+  const int64_t rows[] = {kIntermediate, kHidden, 64}, cols[] = {kHidden, kIntermediate, kHidden};
+  const Matrix w = make_matrix(format, rows[shape], cols[shape]);
+  std::vector<float> x(n_x * w.cols, 0.5f), out(n_x * w.rows);
+  const afm::cpu::DotFn dot = afm::cpu::dot_kernel(format, isa);
+  for (auto _ : state) {
+    for (int64_t r = 0; r < w.rows; r++) {
+      float o[afm::cpu::kMaxDotRows];
+      dot(w.data.data() + r * w.row_bytes, x.data(), w.cols, n_x, w.cols, o);
+      for (int j = 0; j < n_x; j++) out[j * w.rows + r] = o[j];
+    }
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  const double bytes = double(w.data.size());
+  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2e-9 * double(w.rows * w.cols * n_x), benchmark::Counter::kIsIterationInvariantRate);
+  const char* shape_names[] = {" up", " down", " in-cache"};
+  state.SetLabel(std::string(afm::cpu::isa_name(isa)) + shape_names[shape]);
+}
+
+// Reads a 189 MB buffer (the f32 matrix's size) with AVX2 loads: single-thread read bandwidth.
+__attribute__((target("avx2"))) float read_all(const float* p, int64_t n) {
+  __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
+  for (int64_t i = 0; i < n; i += 32) {
+    a = _mm256_add_ps(a, _mm256_loadu_ps(p + i));
+    b = _mm256_add_ps(b, _mm256_loadu_ps(p + i + 8));
+    c = _mm256_add_ps(c, _mm256_loadu_ps(p + i + 16));
+    d = _mm256_add_ps(d, _mm256_loadu_ps(p + i + 24));
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+  return lanes[0] + lanes[7];
+}
+
+void ReadBandwidth(benchmark::State& state) {
+  if (!afm::cpu::isa_supported(afm::cpu::Isa::Avx2)) {
+    state.SkipWithError("needs AVX2");
+    return;
+  }
+  std::vector<float> buffer(kHidden * kIntermediate, 1.0f);
+  for (auto _ : state) benchmark::DoNotOptimize(read_all(buffer.data(), int64_t(buffer.size())));
+  state.counters["GB/s"] =
+      benchmark::Counter(4e-9 * double(buffer.size()), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void Args(benchmark::internal::Benchmark* b) {
+  for (int f = 0; f <= int(WeightFormat::BFP4); f++) {
+    for (int isa : {0, 1}) b->Args({f, isa, 1, 0});  // decode, gate/up shape
+    b->Args({f, 1, 1, 1});                           // decode, down shape
+    b->Args({f, 1, 4, 0});                           // prefill, 4 tokens per pass
+    b->Args({f, 1, 1, 2});                           // decode, compute ceiling
+  }
+}
+
+}  // namespace
+
+BENCHMARK(ReadBandwidth)->Unit(benchmark::kMillisecond);
+BENCHMARK(Dot)->Apply(Args)->ArgNames({"fmt", "isa", "n_x", "shape"})->Unit(benchmark::kMillisecond);
+BENCHMARK_MAIN();

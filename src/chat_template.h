@@ -1,0 +1,40 @@
+// Renders HuggingFace chat templates: the Jinja `chat_template` string in tokenizer_config.json.
+// A small Jinja2-subset interpreter (lexer -> parser -> AST -> tree-walking evaluator) that follows
+// HF's environment: trim_blocks, lstrip_blocks, loop controls, raise_exception and strftime_now.
+// Anything it does not implement is an afm::Error naming the construct, never a silently wrong prompt.
+#pragma once
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+namespace afm {
+
+struct ChatMessage {
+  std::string role;
+  std::string content;
+};
+
+class ChatTemplate {
+ public:
+  // Throws afm::Error on syntax errors and on constructs the interpreter does not support.
+  static ChatTemplate parse(const std::string& source);
+  // Reads chat_template (or a sibling chat_template.jinja), bos_token and eos_token.
+  static ChatTemplate from_tokenizer_config(const std::string& tokenizer_config_json_path);
+
+  std::string render(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const;
+  // General form: every key of the JSON object `context` becomes a template variable
+  // (messages, add_generation_prompt, tools, ...), overriding bos_token/eos_token from the config.
+  // ordered_json because templates see dicts in insertion order, as Python does (tojson, loops).
+  std::string render(const nlohmann::ordered_json& context) const;
+
+ private:
+  struct Program;  // parsed template, defined in chat_template.cpp
+  std::shared_ptr<const Program> program_;
+  std::optional<std::string> bos_token_;  // absent when the config has none: the template sees undefined
+  std::optional<std::string> eos_token_;
+};
+
+}  // namespace afm

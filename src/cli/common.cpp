@@ -1,0 +1,66 @@
+#include "cli/common.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "error.h"
+
+namespace afm::cli {
+
+void ModelFlags::add_to(CLI::App& cmd) {
+  cmd.add_option("--model,-m", dir, "HF checkpoint folder (default: the embedded afm-tiny-austen)");
+  cmd.add_option("--device", device, "cpu or cuda")->capture_default_str();
+  cmd.add_option("--weights", weights, "weight format: f32, bf16, bfp8 or bfp4")->capture_default_str();
+  cmd.add_option("--max-seq-len", max_seq_len, "context limit (default: the config's, capped by memory)");
+  cmd.add_option("--threads,-t", threads, "CPU threads (default: all cores)");
+}
+
+std::unique_ptr<Model> ModelFlags::build() const {
+  ModelOptions options;
+  options.device = Device::parse(device);
+  options.weights = parse_weight_format(weights);
+  options.max_seq_len = max_seq_len;
+  options.num_threads = threads;
+  const bool interactive = isatty(STDERR_FILENO);
+  if (interactive) {
+    options.on_progress = [](int64_t done, int64_t total) {
+      const int width = 30, filled = int(width * done / total);
+      std::fprintf(stderr, "\rloading weights [%s%s] %ld/%ld layers", std::string(filled, '#').c_str(),
+                   std::string(width - filled, ' ').c_str(), long(done), long(total));
+    };
+  }
+  const auto start = std::chrono::steady_clock::now();
+  auto model = build_model(dir, options);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::fprintf(stderr, "%sloaded %s (%s, %ld layers, %s weights) in %.2f s\n", interactive ? "\r\033[K" : "",
+               dir.c_str(), model->config().architecture.c_str(), long(model->config().num_layers),
+               format_name(model->weight_format()).c_str(), seconds);
+  return model;
+}
+
+std::string ModelFlags::file(const std::string& name) const { return (std::filesystem::path(dir) / name).string(); }
+
+void TokenizerFlags::add_to(CLI::App& cmd) {
+  auto* model = cmd.add_option("--model,-m", model_dir, "model folder holding tokenizer.json (default: the embedded model)");
+  cmd.add_option("--tokenizer", tokenizer_file, "a tokenizer.json file")->excludes(model);
+}
+
+Tokenizer TokenizerFlags::load() const {
+  return Tokenizer::load(tokenizer_file.empty() ? (std::filesystem::path(model_dir) / "tokenizer.json").string()
+                                                : tokenizer_file);
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error("cannot read " + path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+}  // namespace afm::cli

@@ -1,0 +1,42 @@
+// Flags and loading shared by the afm subcommands.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "chat_template.h"
+#include "model.h"
+#include "sampler.h"
+#include "tokenizer.h"
+
+namespace afm::cli {
+
+struct ModelFlags {
+  std::string dir = AFM_DEFAULT_MODEL_DIR;
+  std::string device = "cpu";
+  std::string weights = "f32";
+  int64_t max_seq_len = 0;
+  int threads = 0;
+
+  void add_to(CLI::App& cmd);
+  std::unique_ptr<Model> build() const;  // with a progress line on stderr
+  std::string file(const std::string& name) const;  // a file inside the model folder
+};
+
+// Where `tokenize` and `detokenize` find their tokenizer: a tokenizer.json, or a model folder.
+struct TokenizerFlags {
+  std::string model_dir = AFM_DEFAULT_MODEL_DIR;
+  std::string tokenizer_file;
+
+  void add_to(CLI::App& cmd);
+  Tokenizer load() const;
+};
+
+void add_eval_command(CLI::App& app);
+void add_generate_commands(CLI::App& app);  // generate and chat
+void add_tokenize_commands(CLI::App& app);  // tokenize and detokenize
+
+std::string read_file(const std::string& path);
+
+}  // namespace afm::cli
