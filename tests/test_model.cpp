@@ -21,9 +21,9 @@ const Fixture kFixtures[] = {
     {kRepo + "/models/afm-tiny-austen", kRepo + "/tests/fixtures/afm-tiny-austen-reference/reference.safetensors"},
 };
 
-class ReferenceTest : public ::testing::TestWithParam<Fixture> {};
+class ModelReference : public ::testing::TestWithParam<Fixture> {};
 
-TEST_P(ReferenceTest, F32MatchesTransformers) {
+TEST_P(ModelReference, F32MatchesTransformers) {
   auto model = afm::build_model(GetParam().model, afm::Device::cpu(), 512);
   afm::Reference reference = afm::load_reference(GetParam().reference);
   afm::EvalResult result = afm::teacher_forcing_eval(*model, reference, /*compare_layers=*/true);
@@ -45,7 +45,7 @@ TEST_P(ReferenceTest, F32MatchesTransformers) {
     EXPECT_LE(first.layer_max_rel_err[layer], 1e-4) << "hidden." << layer;
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, ReferenceTest, ::testing::ValuesIn(kFixtures), [](const auto& info) {
+INSTANTIATE_TEST_SUITE_P(Fixtures, ModelReference, ::testing::ValuesIn(kFixtures), [](const auto& info) {
   return std::string(std::array{"tiny_arcee", "tiny_llama", "afm_tiny_austen"}[info.index]);
 });
 

@@ -1,0 +1,146 @@
+// The afm command line as a user runs it: output formats, HF's greedy text, and error messages.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+namespace {
+
+using ::testing::HasSubstr;
+using json = nlohmann::json;
+
+const std::string kRepo = AFM_SOURCE_DIR;
+
+struct Result {
+  int status = -1;
+  std::string out;  // stdout, or stdout + stderr when asked
+};
+
+Result afm(const std::string& args, bool with_stderr = false, const std::string& stdin_text = "") {
+  std::string command = std::string(AFM_BINARY) + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
+  if (!stdin_text.empty()) {
+    const std::string input = ::testing::TempDir() + "/afm_cli_stdin.txt";
+    std::ofstream(input) << stdin_text;
+    command += " < " + input;
+  } else {
+    command += " < /dev/null";
+  }
+  Result run;
+  FILE* pipe = popen(command.c_str(), "r");
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0) run.out.append(buf.data(), n);
+  const int status = pclose(pipe);
+  run.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return run;
+}
+
+json read_json(const std::string& path) {
+  std::ifstream in(path);
+  return json::parse(in);
+}
+
+TEST(Cli, GreedyGenerateEqualsHfsSamples) {
+  // HF's own greedy samples of the embedded model, 60 new tokens each.
+  for (const json& sample : read_json(kRepo + "/models/afm-tiny-austen/samples.json")) {
+    if (!sample.contains("greedy")) continue;
+    const std::string prompt = sample["prompt"];
+    Result run = afm("generate --prompt '" + prompt + "' --temperature 0 --max-new-tokens 60");
+    EXPECT_EQ(run.status, 0);
+    EXPECT_EQ(run.out, sample["greedy"].get<std::string>() + "\n") << prompt;
+  }
+}
+
+TEST(Cli, GenerateReportsTheNotesTimings) {
+  Result run = afm("generate --prompt 'Elizabeth' --seed 3 -n 8", true);
+  EXPECT_EQ(run.status, 0);
+  EXPECT_THAT(run.out, HasSubstr("prompt tokens: 2"));
+  EXPECT_THAT(run.out, HasSubstr("generated tokens: 8"));
+  EXPECT_THAT(run.out, HasSubstr("TTFT:"));
+  EXPECT_THAT(run.out, HasSubstr("tokens/s per user"));
+}
+
+TEST(Cli, SeededSamplingIsReproducible) {
+  Result a = afm("generate --prompt 'Elizabeth' --seed 11 -n 30");
+  Result b = afm("generate --prompt 'Elizabeth' --seed 11 -n 30");
+  Result c = afm("generate --prompt 'Elizabeth' --seed 12 -n 30");
+  EXPECT_EQ(a.out, b.out);
+  EXPECT_NE(a.out, c.out);
+}
+
+TEST(Cli, TokenizeAndDetokenizeRoundTrip) {
+  const json reference = read_json(kRepo + "/tests/fixtures/tokenizer-austen-4k/reference.json");
+  const json& first = reference["cases"][0];
+  const std::string text = first["text"];
+  const std::string file = ::testing::TempDir() + "/afm_cli_text.txt";
+  std::ofstream(file) << text;
+  Result with_special = afm("tokenize --file " + file);
+  Result plain = afm("tokenize --no-special --file " + file);
+  ASSERT_EQ(with_special.status, 0);
+  EXPECT_EQ(json::parse(with_special.out), first["ids_with_special"]);
+  EXPECT_EQ(json::parse(plain.out), first["ids"]);
+  Result back = afm("detokenize '" + plain.out.substr(0, plain.out.size() - 1) + "'");
+  EXPECT_EQ(back.out, text + "\n");
+}
+
+TEST(Cli, EvalJsonHasTheDocumentedKeys) {
+  Result run = afm("eval --json --reference " + kRepo + "/tests/fixtures/afm-tiny-austen-reference/reference.safetensors");
+  ASSERT_EQ(run.status, 0);
+  json out = json::parse(run.out);
+  for (const char* key : {"top1", "top5", "prefill_max_rel_err", "decode_max_rel_err"}) EXPECT_TRUE(out.contains(key)) << key;
+  EXPECT_EQ(out["top1"], 1.0);
+  ASSERT_EQ(out["prompts"].size(), 3u);
+  EXPECT_TRUE(out["prompts"][0].contains("top5"));
+}
+
+TEST(Cli, EvalRefusesAReferenceThatDoesNotFitTheModel) {
+  Result run = afm("eval --max-seq-len 64 --reference " + kRepo +
+                    "/tests/fixtures/afm-tiny-austen-reference/reference.safetensors",
+                true);
+  EXPECT_EQ(run.status, 1);
+  EXPECT_THAT(run.out, HasSubstr("needs 219 positions but the model was built with max_seq_len 64"));
+}
+
+TEST(Cli, ChatAnswersEachTurnAndResets) {
+  Result run = afm("chat -n 6 --seed 5", true, "Good morning\nAnd to you?\n/reset\nHello\n");
+  EXPECT_EQ(run.status, 0);
+  EXPECT_THAT(run.out, HasSubstr("(conversation cleared)"));
+  // Three turns, three reports; the second turn reuses the first turn's cache.
+  size_t reports = 0;
+  for (size_t at = run.out.find("generated tokens"); at != std::string::npos; at = run.out.find("generated tokens", at + 1))
+    reports++;
+  EXPECT_EQ(reports, 3u);
+  EXPECT_THAT(run.out, ::testing::ContainsRegex("prompt tokens: [0-9]+ \\([1-9][0-9]* cached\\)"));
+}
+
+TEST(Cli, ErrorsSayWhatToDo) {
+  Result unknown_flag = afm("generate --prompt hi --bogus", true);
+  EXPECT_NE(unknown_flag.status, 0);
+  EXPECT_THAT(unknown_flag.out, HasSubstr("--bogus"));
+
+  Result missing_model = afm("generate --model /nonexistent/model --prompt hi", true);
+  EXPECT_EQ(missing_model.status, 1);
+  EXPECT_THAT(missing_model.out, HasSubstr("/nonexistent/model"));
+
+  Result too_long = afm("generate --max-seq-len 8 --prompt 'one two three four five six seven eight nine ten'", true);
+  EXPECT_EQ(too_long.status, 1);
+  EXPECT_THAT(too_long.out, HasSubstr("shorten the prompt or raise --max-seq-len"));
+
+  Result no_prompt = afm("generate", true);
+  EXPECT_EQ(no_prompt.status, 1);
+  EXPECT_THAT(no_prompt.out, HasSubstr("--prompt"));
+
+  Result bad_weights = afm("generate --prompt hi --weights fp7", true);
+  EXPECT_EQ(bad_weights.status, 1);
+  EXPECT_THAT(bad_weights.out, HasSubstr("unknown weight format \"fp7\""));
+
+  Result bad_ids = afm("detokenize '[1, 99999]'", true);
+  EXPECT_EQ(bad_ids.status, 1);
+  EXPECT_THAT(bad_ids.out, HasSubstr("99999"));
+}
+
+}  // namespace
