@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <numeric>
 
 #include "error.h"
@@ -37,6 +39,38 @@ Reference load_reference(const std::string& path) {
       prompt.hidden[layer] = file.get(p + "hidden." + std::to_string(layer)).to_f32();
   }
   if (ref.prompts.empty()) throw Error(path + ": no prompt.0.ids tensor; not an afm/HF reference file");
+  return ref;
+}
+
+Reference prompt_reference(const std::vector<int32_t>& prompt_ids, const std::string& path, int64_t max_new_tokens) {
+  Reference ref;
+  PromptReference prompt;
+  if (path.ends_with(".json")) {
+    std::ifstream in(path);
+    if (!in) throw Error("cannot read " + path);
+    try {
+      prompt.generated = nlohmann::json::parse(in).get<std::vector<int32_t>>();
+    } catch (const nlohmann::json::exception&) {
+      throw Error(path + ": expected a JSON array of token ids");
+    }
+  } else {
+    ref = load_reference(path);
+    prompt = std::move(ref.prompts[0]);
+    ref.prompts.clear();
+    if (prompt.ids != prompt_ids)
+      throw Error(path + ": its prompt.0.ids (" + std::to_string(prompt.ids.size()) + " tokens) differ from the prompt file's " +
+                  std::to_string(prompt_ids.size()) + " tokens: the reference was made from another prompt or tokenizer");
+  }
+  prompt.ids = prompt_ids;
+  const int64_t available = int64_t(prompt.generated.size());
+  if (max_new_tokens > available)
+    throw Error(path + " holds " + std::to_string(available) + " reference tokens, fewer than --max-new-tokens " +
+                std::to_string(max_new_tokens));
+  if (max_new_tokens > 0) {
+    prompt.generated.resize(max_new_tokens);
+    if (!prompt.decode_logits.empty()) prompt.decode_logits.resize(max_new_tokens * ref.vocab_size);
+  }
+  ref.prompts.push_back(std::move(prompt));
   return ref;
 }
 

@@ -25,6 +25,12 @@ struct Reference {
 
 Reference load_reference(const std::string& safetensors_path);
 
+// The bring-up note's eval: a prompt tokenized by afm, and the reference tokens HF generated after
+// it, from a reference.safetensors (its prompt 0, whose ids must equal `prompt_ids`) or from a
+// JSON array of ids. Keeps the first `max_new_tokens` steps (0: all).
+Reference prompt_reference(const std::vector<int32_t>& prompt_ids, const std::string& reference_tokens_path,
+                           int64_t max_new_tokens);
+
 struct PromptResult {
   int64_t prompt_tokens = 0, steps = 0;
   double prefill_max_rel_err = -1, decode_max_rel_err = -1;  // -1: no reference logits

@@ -59,6 +59,7 @@ Weight make_weight(const TensorView& view, WeightFormat target) {
   w.rows = view.shape.size() == 2 ? view.shape[0] : 1;
   w.cols = view.shape.back();
   const WeightFormat source = file_format(view.dtype, view);
+  w.bf16_inputs = target != WeightFormat::F32;
 
   // f32 compute needs no conversion: bf16 and f16 widen to f32 exactly inside the kernels.
   if (target == WeightFormat::F32 || target == source) {

@@ -20,12 +20,15 @@ struct Weight {
   int64_t rows = 0, cols = 0;
   const uint8_t* data = nullptr;            // row r starts at data + r * row_bytes
   int64_t row_bytes = 0;
+  // Reduced-precision formats model the bring-up note's kernels, which read their activations in
+  // bf16: the matmul rounds its input to bf16 and accumulates in f32.
+  bool bf16_inputs = false;
   std::shared_ptr<const void> owner;        // keeps the mapping or the converted buffer alive
 };
 
 // Prepare a checkpoint tensor for the kernels. F32 keeps the file's dtype (bf16 and f16 widen to
 // f32 exactly in the kernels) and so does a target equal to it: both point into the mapping.
-// Other targets convert at load.
+// Other targets convert at load. Every target but F32 sets bf16_inputs.
 Weight make_weight(const TensorView& view, WeightFormat target);
 
 // Row `row` of w as f32 values (embedding lookups, norm weights, tests).

@@ -15,7 +15,7 @@ namespace afm::cli {
 void ModelFlags::add_to(CLI::App& cmd) {
   cmd.add_option("--model,-m", dir, "HF checkpoint folder (default: the embedded afm-tiny-austen)");
   cmd.add_option("--device", device, "cpu or cuda")->capture_default_str();
-  cmd.add_option("--weights", weights, "weight format: f32, bf16, bfp8 or bfp4")->capture_default_str();
+  cmd.add_option("--weights", weights, "weight format: f32, bf16, bfp8 or bfp4 (eval: also a list, or all)")->capture_default_str();
   cmd.add_option("--max-seq-len", max_seq_len, "context limit (default: the config's, capped by memory)");
   cmd.add_option("--threads,-t", threads, "CPU threads (default: all cores)");
 }

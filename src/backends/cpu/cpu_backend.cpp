@@ -9,6 +9,7 @@
 #include "backend.h"
 #include "backends/cpu/dot.h"
 #include "error.h"
+#include "numeric.h"
 
 namespace afm {
 
@@ -53,7 +54,8 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void linear(const Tensor& x, const Weight& w, Tensor& out) override {
+  void linear(const Tensor& x_in, const Weight& w, Tensor& out) override {
+    const Tensor x = w.bf16_inputs ? rounded_to_bf16(x_in) : x_in;
     const cpu::DotFn dot = cpu::dot_kernel(w.format);
     const int64_t T = x.rows, N = w.rows, K = w.cols;
     // Blocks of weight rows stay in cache while every group of 4 tokens passes over them.
@@ -70,6 +72,12 @@ class CpuBackend final : public Backend {
         }
       }
     }
+  }
+
+  Tensor rounded_to_bf16(const Tensor& x) {
+    Tensor rounded = tensor(x.rows, x.cols);
+    for (int64_t i = 0; i < x.rows * x.cols; i++) rounded.data[i] = round_to_bf16(x.data[i]);
+    return rounded;
   }
 
   void rotary(Tensor& x, int64_t num_heads, std::span<const int32_t> positions, const RopeTables& rope) override {
