@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "error.h"
+#include "numeric.h"
 #include "models/decoder.h"
 
 namespace afm {
@@ -44,7 +45,7 @@ Model::Model(const ModelContext& context)
 }
 
 const TensorView& WeightLoader::fetch(const std::string& name, std::vector<int64_t> shape) {
-  const TensorView& view = checkpoint_.get(name);
+  const TensorView& view = checkpoint_.is_random() ? make_random(name, shape) : checkpoint_.get(name);
   if (view.shape != shape) {
     TensorView expected = view;
     expected.shape = shape;
@@ -53,6 +54,26 @@ const TensorView& WeightLoader::fetch(const std::string& name, std::vector<int64
   }
   used_.push_back(name);
   return view;
+}
+
+const TensorView& WeightLoader::make_random(const std::string& name, std::vector<int64_t> shape) {
+  if (auto it = random_.find(name); it != random_.end()) return it->second;  // tied weights share
+  TensorView view;
+  view.name = name;
+  view.dtype = DType::BF16;
+  view.shape = shape;
+  view.nbytes = view.numel() * 2;
+  auto data = std::shared_ptr<uint16_t[]>(new uint16_t[view.numel()]);
+  // Uniform noise with the spread of HF's initializer (std 0.02); norm weights are ones.
+  uint64_t state = *checkpoint_.random_seed() ^ std::hash<std::string>{}(name);
+  for (int64_t i = 0; i < view.numel(); i++) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    const float uniform = float(state >> 40) * 0x1p-24f * 2 - 1;
+    data[i] = f32_to_bf16(shape.size() == 1 ? 1.0f : 0.0346f * uniform);
+  }
+  view.data = reinterpret_cast<const uint8_t*>(data.get());
+  view.owner = data;
+  return random_.emplace(name, std::move(view)).first->second;
 }
 
 Weight WeightLoader::matrix(const std::string& name, int64_t rows, int64_t cols, WeightFormat format) {
@@ -96,21 +117,29 @@ static int64_t choose_max_seq_len(const ModelConfig& c, int64_t requested) {
   return std::max<int64_t>(limit, 1);
 }
 
+// The family for config.architecture; `source` names the config in the error.
+static const ModelFamily& find_family(const ModelConfig& config, const std::string& source) {
+  for (const ModelFamily& f : kFamilies)
+    if (config.architecture == f.architecture) return f;
+  std::string known;
+  for (const ModelFamily& f : kFamilies) known += std::string(known.empty() ? "" : ", ") + f.architecture;
+  throw Error(source + ": unknown architecture \"" + config.architecture + "\" (afm supports " + known + ")");
+}
+
+std::unique_ptr<Model> build_model(const ModelConfig& config, Checkpoint checkpoint, const ModelOptions& options) {
+  const ModelFamily& family = find_family(config, "config");
+  ModelContext context{config, std::move(checkpoint), options, make_backend(options.device, options.num_threads)};
+  context.options.max_seq_len = choose_max_seq_len(config, options.max_seq_len);
+  return family.build(context);
+}
+
 std::unique_ptr<Model> build_model(const std::string& dir, const ModelOptions& options) {
   namespace fs = std::filesystem;
   if (!fs::is_directory(dir)) throw Error("model folder not found: " + dir);
-  ModelConfig config = load_config((fs::path(dir) / "config.json").string());
-  const ModelFamily* family = nullptr;
-  for (const ModelFamily& f : kFamilies)
-    if (config.architecture == f.architecture) family = &f;
-  if (!family) {
-    std::string known;
-    for (const ModelFamily& f : kFamilies) known += std::string(known.empty() ? "" : ", ") + f.architecture;
-    throw Error(dir + "/config.json: unknown architecture \"" + config.architecture + "\" (afm supports " + known + ")");
-  }
-  ModelContext context{config, Checkpoint::open(dir), options, make_backend(options.device, options.num_threads)};
-  context.options.max_seq_len = choose_max_seq_len(config, options.max_seq_len);
-  return family->build(context);
+  const std::string config_path = (fs::path(dir) / "config.json").string();
+  const ModelConfig config = load_config(config_path);
+  find_family(config, config_path);  // before mapping any weights
+  return build_model(config, Checkpoint::open(dir), options);
 }
 
 }  // namespace afm

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -36,6 +37,8 @@ class Model {
   const ModelConfig& config() const { return config_; }
   int64_t max_seq_len() const { return max_seq_len_; }
   WeightFormat weight_format() const { return weight_format_; }
+  // Bytes of weights one decode step reads (every matmul; the embedding row is negligible).
+  int64_t matmul_weight_bytes() const { return matmul_weight_bytes_; }
   std::unique_ptr<KVCache> new_cache() const { return std::make_unique<KVCache>(pool_, max_seq_len_); }
 
   // Run `tokens` at `positions` (which must continue the cache: cache.length(), +1, ...),
@@ -48,6 +51,7 @@ class Model {
   ModelConfig config_;
   int64_t max_seq_len_ = 0;
   WeightFormat weight_format_ = WeightFormat::F32;
+  int64_t matmul_weight_bytes_ = 0;
   std::shared_ptr<BlockPool> pool_;
 };
 
@@ -71,11 +75,15 @@ class WeightLoader {
 
  private:
   const TensorView& fetch(const std::string& name, std::vector<int64_t> shape);
+  const TensorView& make_random(const std::string& name, std::vector<int64_t> shape);
   const Checkpoint& checkpoint_;
   std::vector<std::string> used_;
+  std::map<std::string, TensorView> random_;  // tensors made up for a random checkpoint
 };
 
 std::unique_ptr<Model> build_model(const std::string& checkpoint_dir, const ModelOptions& options = {});
+// The same from a parsed config and an opened (or random) checkpoint.
+std::unique_ptr<Model> build_model(const ModelConfig& config, Checkpoint checkpoint, const ModelOptions& options);
 inline std::unique_ptr<Model> build_model(const std::string& checkpoint_dir, Device device, int64_t max_seq_len = 0) {
   ModelOptions options;
   options.device = device;

@@ -227,6 +227,13 @@ Checkpoint Checkpoint::open(const std::string& dir) {
   return checkpoint;
 }
 
+Checkpoint Checkpoint::random(uint64_t seed) {
+  Checkpoint checkpoint;
+  checkpoint.dir_ = "(random weights)";
+  checkpoint.random_seed_ = seed;
+  return checkpoint;
+}
+
 const TensorView& Checkpoint::get(const std::string& name) const {
   auto it = tensors_.find(name);
   if (it == tensors_.end()) throw Error(dir_ + ": missing tensor " + name);

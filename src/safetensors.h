@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,11 @@ class SafetensorsFile {
 class Checkpoint {
  public:
   static Checkpoint open(const std::string& dir);
+  // No files: a model built from it gets bf16 noise of whatever shapes it asks for (ones for
+  // vectors), so a model's real shape can be benchmarked without its weights.
+  static Checkpoint random(uint64_t seed);
+  bool is_random() const { return random_seed_.has_value(); }
+  std::optional<uint64_t> random_seed() const { return random_seed_; }
 
   const std::string& dir() const { return dir_; }
   const std::map<std::string, TensorView>& tensors() const { return tensors_; }
@@ -58,6 +64,7 @@ class Checkpoint {
  private:
   std::string dir_;
   std::map<std::string, TensorView> tensors_;
+  std::optional<uint64_t> random_seed_;
 };
 
 }  // namespace afm

@@ -24,6 +24,8 @@ struct Weight {
   // bf16: the matmul rounds its input to bf16 and accumulates in f32.
   bool bf16_inputs = false;
   std::shared_ptr<const void> owner;        // keeps the mapping or the converted buffer alive
+
+  int64_t bytes() const { return rows * row_bytes; }
 };
 
 // Prepare a checkpoint tensor for the kernels. F32 keeps the file's dtype (bf16 and f16 widen to

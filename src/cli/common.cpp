@@ -20,12 +20,17 @@ void ModelFlags::add_to(CLI::App& cmd) {
   cmd.add_option("--threads,-t", threads, "CPU threads (default: all cores)");
 }
 
-std::unique_ptr<Model> ModelFlags::build() const {
+ModelOptions ModelFlags::options() const {
   ModelOptions options;
   options.device = Device::parse(device);
   options.weights = parse_weight_format(weights);
   options.max_seq_len = max_seq_len;
   options.num_threads = threads;
+  return options;
+}
+
+std::unique_ptr<Model> ModelFlags::build() const {
+  ModelOptions options = this->options();
   const bool interactive = isatty(STDERR_FILENO);
   if (interactive) {
     options.on_progress = [](int64_t done, int64_t total) {

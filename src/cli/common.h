@@ -20,6 +20,7 @@ struct ModelFlags {
   int threads = 0;
 
   void add_to(CLI::App& cmd);
+  ModelOptions options() const;
   std::unique_ptr<Model> build() const;  // with a progress line on stderr
   std::string file(const std::string& name) const;  // a file inside the model folder
 };
@@ -36,6 +37,8 @@ struct TokenizerFlags {
 void add_eval_command(CLI::App& app);
 void add_generate_commands(CLI::App& app);  // generate and chat
 void add_tokenize_commands(CLI::App& app);  // tokenize and detokenize
+void add_bench_command(CLI::App& app);
+void add_perplexity_command(CLI::App& app);  // sliding-window perplexity of a text file
 
 std::string read_file(const std::string& path);
 

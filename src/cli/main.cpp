@@ -11,6 +11,8 @@ int main(int argc, char** argv) {
   afm::cli::add_generate_commands(app);
   afm::cli::add_eval_command(app);
   afm::cli::add_tokenize_commands(app);
+  afm::cli::add_perplexity_command(app);
+  afm::cli::add_bench_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

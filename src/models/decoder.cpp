@@ -61,7 +61,11 @@ class Decoder final : public Model {
         mlp_(mlp),
         backend_(std::move(context.backend)),
         weights_(load_weights(config_, context.checkpoint, context.options, mlp)),
-        rope_(rope_tables(rope_frequencies(config_.rope, config_.head_dim), max_seq_len_)) {}
+        rope_(rope_tables(rope_frequencies(config_.rope, config_.head_dim), max_seq_len_)) {
+    matmul_weight_bytes_ = weights_.lm_head.bytes();
+    for (const LayerWeights& l : weights_.layers)
+      for (const Weight* w : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) matmul_weight_bytes_ += w->bytes();
+  }
 
   Tensor forward(std::span<const int32_t> tokens, std::span<const int32_t> positions, KVCache& cache, Logits rows,
                  const HiddenStateTap& tap) override {

@@ -1,13 +1,12 @@
-// The CPU backend: the op set in plain loops, parallel over output rows or heads with OpenMP,
-// with the inner dot products in runtime-dispatched SIMD kernels (dot.h).
-#include <omp.h>
-
+// The CPU backend: the op set in plain loops, parallel over output rows or heads on a thread
+// pool, with the inner dot products in runtime-dispatched SIMD kernels (dot.h).
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "backend.h"
 #include "backends/cpu/dot.h"
+#include "backends/cpu/thread_pool.h"
 #include "error.h"
 #include "numeric.h"
 
@@ -17,9 +16,7 @@ namespace {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int num_threads) {
-    if (num_threads > 0) omp_set_num_threads(num_threads);
-  }
+  explicit CpuBackend(int num_threads) : pool_(num_threads) {}
 
   Device device() const override { return Device::cpu(); }
 
@@ -60,9 +57,7 @@ class CpuBackend final : public Backend {
     const int64_t T = x.rows, N = w.rows, K = w.cols;
     // Blocks of weight rows stay in cache while every group of 4 tokens passes over them.
     constexpr int64_t kRowBlock = 16, kTokens = 4;
-#pragma omp parallel for schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += kRowBlock) {
-      const int64_t n1 = std::min(N, n0 + kRowBlock);
+    parallel_for(N, kRowBlock, T * N * K, [&](int64_t n0, int64_t n1) {
       float result[kTokens];
       for (int64_t t0 = 0; t0 < T; t0 += kTokens) {
         const int nt = int(std::min(kTokens, T - t0));
@@ -71,7 +66,7 @@ class CpuBackend final : public Backend {
           for (int j = 0; j < nt; j++) out.row(t0 + j)[n] = result[j];
         }
       }
-    }
+    });
   }
 
   Tensor rounded_to_bf16(const Tensor& x) {
@@ -113,35 +108,33 @@ class CpuBackend final : public Backend {
     const int64_t num_heads = q.cols / s.head_dim, group = num_heads / s.num_kv_heads;
     const float scale = 1.0f / std::sqrt(float(s.head_dim));
     const int64_t T = q.rows;
-#pragma omp parallel
-    {
+    const int64_t work = T * num_heads * (positions.back() + 1) * s.head_dim;
+    parallel_for(T * num_heads, 1, work, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
-#pragma omp for collapse(2) schedule(dynamic)
-      for (int64_t t = 0; t < T; t++) {
-        for (int64_t h = 0; h < num_heads; h++) {
-          const int64_t kv_head = h / group, visible = int64_t(positions[t]) + 1;
-          const float* query = q.row(t) + h * s.head_dim;
-          scores.resize(visible);
-          float max_score = -INFINITY;
-          for (int64_t p = 0; p < visible; p++) {
-            const float* key = cache.key(layer, kv_head, p);
-            float dot = 0;
-            for (int64_t d = 0; d < s.head_dim; d++) dot += query[d] * key[d];
-            scores[p] = dot * scale;
-            max_score = std::max(max_score, scores[p]);
-          }
-          float sum = 0;
-          for (int64_t p = 0; p < visible; p++) sum += scores[p] = std::exp(scores[p] - max_score);
-          float* o = out.row(t) + h * s.head_dim;
-          std::fill_n(o, s.head_dim, 0.0f);
-          for (int64_t p = 0; p < visible; p++) {
-            const float* value = cache.value(layer, kv_head, p);
-            const float weight = scores[p] / sum;
-            for (int64_t d = 0; d < s.head_dim; d++) o[d] += weight * value[d];
-          }
+      for (int64_t item = begin; item < end; item++) {
+        const int64_t t = item / num_heads, h = item % num_heads;
+        const int64_t kv_head = h / group, visible = int64_t(positions[t]) + 1;
+        const float* query = q.row(t) + h * s.head_dim;
+        scores.resize(visible);
+        float max_score = -INFINITY;
+        for (int64_t p = 0; p < visible; p++) {
+          const float* key = cache.key(layer, kv_head, p);
+          float dot = 0;
+          for (int64_t d = 0; d < s.head_dim; d++) dot += query[d] * key[d];
+          scores[p] = dot * scale;
+          max_score = std::max(max_score, scores[p]);
+        }
+        float sum = 0;
+        for (int64_t p = 0; p < visible; p++) sum += scores[p] = std::exp(scores[p] - max_score);
+        float* o = out.row(t) + h * s.head_dim;
+        std::fill_n(o, s.head_dim, 0.0f);
+        for (int64_t p = 0; p < visible; p++) {
+          const float* value = cache.value(layer, kv_head, p);
+          const float weight = scores[p] / sum;
+          for (int64_t d = 0; d < s.head_dim; d++) o[d] += weight * value[d];
         }
       }
-    }
+    });
   }
 
   void add(Tensor& x, const Tensor& y) override {
@@ -155,12 +148,21 @@ class CpuBackend final : public Backend {
     }
   }
 
+  // Below about a million multiply-adds one thread finishes before the others could start.
+  void parallel_for(int64_t n, int64_t chunk, int64_t multiply_adds, const std::function<void(int64_t, int64_t)>& body) {
+    if (multiply_adds < (int64_t(1) << 20)) return body(0, n);
+    pool_.parallel_for(n, chunk, body);
+  }
+
   void silu_mul(Tensor& gate, const Tensor& up) override {
     for (int64_t i = 0; i < gate.rows * gate.cols; i++) {
       const float g = gate.data[i];
       gate.data[i] = g / (1.0f + std::exp(-g)) * up.data[i];
     }
   }
+
+ private:
+  cpu::ThreadPool pool_;
 };
 
 }  // namespace
