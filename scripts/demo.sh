@@ -7,7 +7,7 @@ scripts/install-deps.sh
 scripts/build.sh
 echo
 echo "== afm eval: the embedded model against HF transformers' reference (teacher forcing)"
-build/afm eval --reference tests/fixtures/afm-tiny-austen-reference/reference.safetensors
+build/afm eval --weights f32,bfp8 --reference tests/fixtures/afm-tiny-austen-reference/reference.safetensors
 echo
 echo "== afm generate: the embedded model, seed 42"
 build/afm generate --prompt "It is a truth universally acknowledged, that" --seed 42 --max-new-tokens 80

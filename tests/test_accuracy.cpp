@@ -7,6 +7,7 @@
 
 #include "error.h"
 #include "eval.h"
+#include "perplexity.h"
 #include "tokenizer.h"
 
 namespace {
@@ -50,6 +51,30 @@ TEST(Accuracy, Bfp8MeetsTheNotesBar) {
 TEST(Accuracy, Bfp4KeepsTop5) {
   auto r = evaluate(afm::WeightFormat::BFP4, afm::load_reference(kReference));
   EXPECT_GE(r.top5, 0.95);
+}
+
+// Perplexity over the end of Sense and Sensibility, the corpus's last text.
+double austen_perplexity(afm::WeightFormat format) {
+  std::ifstream in(std::string(AFM_SOURCE_DIR) + "/tests/fixtures/corpus/austen.txt");
+  const std::string corpus((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const afm::Tokenizer tokenizer = afm::Tokenizer::load(kModel + "/tokenizer.json");
+  const std::vector<int32_t> tokens = tokenizer.encode(corpus.substr(corpus.size() - 8000), true);
+  afm::ModelOptions options;
+  options.weights = format;
+  options.max_seq_len = 256;
+  auto model = afm::build_model(kModel, options);
+  afm::PerplexityOptions window;
+  window.context = 256;
+  window.stride = 128;
+  return afm::perplexity(*model, tokens, window).perplexity;
+}
+
+TEST(Accuracy, Bfp8PerplexityIsWithinOnePercentOfF32) {
+  const double f32 = austen_perplexity(afm::WeightFormat::F32);
+  const double bfp8 = austen_perplexity(afm::WeightFormat::BFP8);
+  EXPECT_GT(f32, 5.0);  // a trained model on its own domain, not a degenerate score
+  EXPECT_LT(f32, 60.0);
+  EXPECT_LE(std::abs(bfp8 - f32) / f32, 0.01) << "f32 " << f32 << " bfp8 " << bfp8;
 }
 
 // The note's own procedure: a prompt file tokenized by afm, HF's 100 tokens after it.

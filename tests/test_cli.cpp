@@ -49,7 +49,7 @@ TEST(Cli, GreedyGenerateEqualsHfsSamples) {
   for (const json& sample : read_json(kRepo + "/models/afm-tiny-austen/samples.json")) {
     if (!sample.contains("greedy")) continue;
     const std::string prompt = sample["prompt"];
-    Result run = afm("generate --prompt '" + prompt + "' --temperature 0 --max-new-tokens 60");
+    Result run = afm("generate --prompt '" + prompt + "' --weights f32 --temperature 0 --max-new-tokens 60");
     EXPECT_EQ(run.status, 0);
     EXPECT_EQ(run.out, sample["greedy"].get<std::string>() + "\n") << prompt;
   }
@@ -88,13 +88,23 @@ TEST(Cli, TokenizeAndDetokenizeRoundTrip) {
 }
 
 TEST(Cli, EvalJsonHasTheDocumentedKeys) {
-  Result run = afm("eval --json --reference " + kRepo + "/tests/fixtures/afm-tiny-austen-reference/reference.safetensors");
+  Result run = afm("eval --json --weights f32 --reference " + kRepo + "/tests/fixtures/afm-tiny-austen-reference/reference.safetensors");
   ASSERT_EQ(run.status, 0);
   json out = json::parse(run.out);
   for (const char* key : {"top1", "top5", "prefill_max_rel_err", "decode_max_rel_err"}) EXPECT_TRUE(out.contains(key)) << key;
   EXPECT_EQ(out["top1"], 1.0);
   ASSERT_EQ(out["prompts"].size(), 3u);
   EXPECT_TRUE(out["prompts"][0].contains("top5"));
+}
+
+TEST(Cli, EvalComparesWeightFormatsAndDefaultsToBfp8) {
+  const std::string reference = kRepo + "/tests/fixtures/afm-tiny-austen-reference/reference.safetensors";
+  json several = json::parse(afm("eval --json --weights f32,bfp8 --reference " + reference).out);
+  EXPECT_EQ(several["formats"]["f32"]["top1"], 1.0);
+  EXPECT_GE(several["formats"]["bfp8"]["top1"].get<double>(), 0.98);
+  json by_default = json::parse(afm("eval --json --reference " + reference).out);
+  EXPECT_EQ(by_default["weights"], "bfp8");
+  EXPECT_EQ(by_default["top1"], several["formats"]["bfp8"]["top1"]);
 }
 
 TEST(Cli, EvalRefusesAReferenceThatDoesNotFitTheModel) {
