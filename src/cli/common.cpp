@@ -31,18 +31,11 @@ ModelOptions ModelFlags::options() const {
 
 std::unique_ptr<Model> ModelFlags::build() const {
   ModelOptions options = this->options();
-  const bool interactive = isatty(STDERR_FILENO);
-  if (interactive) {
-    options.on_progress = [](int64_t done, int64_t total) {
-      const int width = 30, filled = int(width * done / total);
-      std::fprintf(stderr, "\rloading weights [%s%s] %ld/%ld layers", std::string(filled, '#').c_str(),
-                   std::string(width - filled, ' ').c_str(), long(done), long(total));
-    };
-  }
+  options.on_progress = progress_bar("loading weights", "layers");
   const auto start = std::chrono::steady_clock::now();
   auto model = build_model(dir, options);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::fprintf(stderr, "%sloaded %s (%s, %ld layers, %s weights) in %.2f s\n", interactive ? "\r\033[K" : "",
+  std::fprintf(stderr, "%sloaded %s (%s, %ld layers, %s weights) in %.2f s\n", progress_line_end(),
                dir.c_str(), model->config().architecture.c_str(), long(model->config().num_layers),
                format_name(model->weight_format()).c_str(), seconds);
   return model;
@@ -59,6 +52,17 @@ Tokenizer TokenizerFlags::load() const {
   return Tokenizer::load(tokenizer_file.empty() ? (std::filesystem::path(model_dir) / "tokenizer.json").string()
                                                 : tokenizer_file);
 }
+
+std::function<void(int64_t, int64_t)> progress_bar(const std::string& label, const std::string& unit) {
+  if (!isatty(STDERR_FILENO)) return nullptr;
+  return [label, unit](int64_t done, int64_t total) {
+    const int width = 30, filled = int(width * done / std::max<int64_t>(total, 1));
+    std::fprintf(stderr, "\r%s [%s%s] %ld/%ld %s", label.c_str(), std::string(filled, '#').c_str(),
+                 std::string(width - filled, ' ').c_str(), long(done), long(total), unit.c_str());
+  };
+}
+
+const char* progress_line_end() { return isatty(STDERR_FILENO) ? "\r\033[K" : ""; }
 
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

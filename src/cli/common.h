@@ -43,4 +43,9 @@ void add_perplexity_command(CLI::App& app);  // sliding-window perplexity of a t
 
 std::string read_file(const std::string& path);
 
+// A progress callback that redraws one stderr line ("label [####    ] done/total unit"), or none
+// when stderr is not a terminal; progress_line_end() then clears that line before a summary.
+std::function<void(int64_t done, int64_t total)> progress_bar(const std::string& label, const std::string& unit);
+const char* progress_line_end();
+
 }  // namespace afm::cli

@@ -1,6 +1,4 @@
 // afm perplexity: sliding-window perplexity of a text file, computed as HF transformers' guide does.
-#include <unistd.h>
-
 #include <chrono>
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -30,18 +28,11 @@ void run(PerplexityFlags flags) {
   PerplexityOptions options;
   options.context = flags.context ? flags.context : model->max_seq_len();
   options.stride = flags.stride ? flags.stride : options.context;
-  const bool interactive = isatty(STDERR_FILENO);
-  if (interactive) {
-    options.on_progress = [](int64_t done, int64_t total) {
-      const int width = 30, filled = int(width * done / total);
-      std::fprintf(stderr, "\rperplexity [%s%s] %ld/%ld tokens", std::string(filled, '#').c_str(),
-                   std::string(width - filled, ' ').c_str(), long(done), long(total));
-    };
-  }
+  options.on_progress = progress_bar("perplexity", "tokens");
   const auto start = std::chrono::steady_clock::now();
   const PerplexityResult result = perplexity(*model, tokens, options);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::fprintf(stderr, "%s%ld text tokens in %ld windows in %.2f s (%.0f tokens/s)\n", interactive ? "\r\033[K" : "",
+  std::fprintf(stderr, "%s%ld text tokens in %ld windows in %.2f s (%.0f tokens/s)\n", progress_line_end(),
                long(tokens.size()), long(result.windows), seconds, double(tokens.size()) / seconds);
 
   if (flags.json_output) {

@@ -53,16 +53,22 @@ void add_tokenize_commands(CLI::App& app) {
   tok->tokenizer.add_to(*t);
   t->add_flag("--no-special", tok->no_special, "do not add BOS or other special tokens");
   auto* file = t->add_option("--file,-f", tok->file, "read the text from a file");
-  t->add_option("text", tok->text, "the text")->excludes(file);
-  t->callback([tok] { tokenize(*tok); });
+  auto* text = t->add_option("text", tok->text, "the text")->excludes(file);
+  t->callback([tok, text] {
+    if (text->count() == 0 && tok->file.empty()) throw Error("give the text, or --file FILE");
+    tokenize(*tok);
+  });
 
   auto detok = std::make_shared<DetokenizeFlags>();
   CLI::App* d = app.add_subcommand("detokenize", "print the text of a JSON array of token ids");
   detok->tokenizer.add_to(*d);
   d->add_flag("--skip-special", detok->skip_special, "leave special tokens out of the text");
   auto* dfile = d->add_option("--file,-f", detok->file, "read the ids from a file");
-  d->add_option("ids", detok->ids, "the ids, e.g. [4096,791]")->excludes(dfile);
-  d->callback([detok] { detokenize(*detok); });
+  auto* ids = d->add_option("ids", detok->ids, "the ids, e.g. [4096,791]")->excludes(dfile);
+  d->callback([detok, ids] {
+    if (ids->count() == 0 && detok->file.empty()) throw Error("give the ids as a JSON array, or --file FILE");
+    detokenize(*detok);
+  });
 }
 
 }  // namespace afm::cli
