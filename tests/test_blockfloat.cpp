@@ -153,16 +153,24 @@ TEST(BlockFloat, Subnormals) {
 TEST(BlockFloat, PartialLastBlock) {
   std::vector<float> src(16, 1.0f);
   src.insert(src.end(), {-2, 0.5f, 0.25f, 3});
-  std::vector<uint8_t> bfp8 = {127, 128};
-  bfp8.insert(bfp8.end(), 16, 0x40);
-  bfp8.insert(bfp8.end(), {0xC0, 0x10, 0x08, 0x60});
-  bfp8.insert(bfp8.end(), 12, 0);
+  std::vector<uint8_t> bfp8(2 + 16 + 16, 0);  // exponents, block 0, block 1 (zero padded)
+  bfp8[0] = 127;
+  bfp8[1] = 128;
+  std::fill_n(bfp8.begin() + 2, 16, 0x40);
+  bfp8[18] = 0xC0;
+  bfp8[19] = 0x10;
+  bfp8[20] = 0x08;
+  bfp8[21] = 0x60;
   EXPECT_EQ(quantize(WeightFormat::BFP8, src), bfp8);
   expect_values(dequantize(WeightFormat::BFP8, bfp8, 20), src);
 
-  std::vector<uint8_t> bfp4 = {127, 128};
-  bfp4.insert(bfp4.end(), 8, 0x44);
-  bfp4.insert(bfp4.end(), {0x0C, 0x01, 0x00, 0x06, 0, 0, 0, 0});
+  std::vector<uint8_t> bfp4(2 + 8 + 8, 0);
+  bfp4[0] = 127;
+  bfp4[1] = 128;
+  std::fill_n(bfp4.begin() + 2, 8, 0x44);
+  bfp4[10] = 0x0C;
+  bfp4[11] = 0x01;
+  bfp4[13] = 0x06;
   EXPECT_EQ(quantize(WeightFormat::BFP4, src), bfp4);
   std::vector<float> want = src;
   want[18] = 0;

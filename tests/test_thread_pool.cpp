@@ -18,7 +18,9 @@ TEST(ThreadPool, CoversEveryItemOnceAcrossManyJobs) {
       const int64_t n = 1 + job % 97;
       std::vector<std::atomic<int>> hits(n);
       pool.parallel_for(n, 1 + job % 5, [&](int64_t begin, int64_t end) {
-        if (threads > 1) EXPECT_LE(end - begin, 1 + job % 5);
+        if (threads > 1) {
+          EXPECT_LE(end - begin, 1 + job % 5);
+        }
         for (int64_t i = begin; i < end; i++) hits[i]++;
       });
       for (int64_t i = 0; i < n; i++) ASSERT_EQ(hits[i].load(), 1) << "job " << job << " item " << i;

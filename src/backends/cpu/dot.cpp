@@ -199,6 +199,89 @@ AFM_AVX2 void dot_avx2(const uint8_t* w_row, const float* x, int64_t x_stride, i
   }
 }
 
+
+// The two halves (values 0-7, 8-15) of one block's signed magnitudes, as f32.
+AFM_AVX2 inline void block_magnitudes(Bfp8, const uint8_t* p, __m256& lo, __m256& hi) {
+  lo = i8x8_to_f32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  hi = i8x8_to_f32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+}
+
+AFM_AVX2 inline void block_magnitudes(Bfp4, const uint8_t* p, __m256& lo, __m256& hi) {
+  const __m256i bytes = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(bytes, 28), 28));
+  hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(bytes, 4));
+}
+
+// Block-float rows get their own loop: it walks the exponent and payload streams with plain
+// pointers (no index arithmetic per block) and keeps one accumulator per block of a two-block
+// step, which cut bfp8 decode from ~4 to ~2.8 cycles per block in cache (bfp4 measured no gain and
+// keeps the generic loop).
+template <class BF, int NX>
+AFM_AVX2 void dot_bfp_n(const uint8_t* w_row, const float* x, int64_t xs, int64_t k, float* out) {
+  constexpr int kUnroll = 2;
+  const int64_t nb = k / kBlockFloatBlock;  // full blocks; a partial last block goes to the tail
+  const uint8_t* e = w_row;
+  const uint8_t* p = w_row + block_float_blocks(k);
+  const float* scale = BF::scale.data();
+  __m256 acc[kUnroll][NX];
+  for (auto& a : acc) {
+    for (auto& v : a) v = _mm256_setzero_ps();
+  }
+  const float* xp = x;
+  int64_t b = 0;
+  for (; b + kUnroll <= nb; b += kUnroll, e += kUnroll, p += kUnroll * BF::payload_bytes, xp += kUnroll * 16) {
+#pragma GCC unroll 2
+    for (int u = 0; u < kUnroll; u++) {
+      __m256 lo, hi;
+      block_magnitudes(BF(), p + u * BF::payload_bytes, lo, hi);
+      const __m256 s = _mm256_broadcast_ss(scale + e[u]);  // applied once per block, after the sum
+#pragma GCC unroll 4
+      for (int j = 0; j < NX; j++) {
+        const float* xj = xp + j * xs + 16 * u;
+        const __m256 sum = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xj + 8), _mm256_mul_ps(lo, _mm256_loadu_ps(xj)));
+        acc[u][j] = _mm256_fmadd_ps(sum, s, acc[u][j]);
+      }
+    }
+  }
+  for (; b < nb; b++, e++, p += BF::payload_bytes, xp += 16) {
+    __m256 lo, hi;
+    block_magnitudes(BF(), p, lo, hi);
+    const __m256 s = _mm256_broadcast_ss(scale + e[0]);
+#pragma GCC unroll 4
+    for (int j = 0; j < NX; j++) {
+      const float* xj = xp + j * xs;
+      const __m256 sum = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xj + 8), _mm256_mul_ps(lo, _mm256_loadu_ps(xj)));
+      acc[0][j] = _mm256_fmadd_ps(sum, s, acc[0][j]);
+    }
+  }
+  const BfpRow<BF> w(w_row, k);
+  for (int j = 0; j < NX; j++) {
+    __m256 sum = acc[0][j];
+    for (int a = 1; a < kUnroll; a++) sum = _mm256_add_ps(sum, acc[a][j]);
+    float tail = 0.0f;  // the last k % 16 columns
+    for (int64_t t = nb * kBlockFloatBlock; t < k; t++) tail += w.at(t) * x[j * xs + t];
+    out[j] = hsum(sum) + tail;
+  }
+}
+
+template <class BF>
+AFM_AVX2 void dot_avx2_bfp(const uint8_t* w_row, const float* x, int64_t x_stride, int n_x, int64_t k, float* out) {
+  switch (n_x) {
+    case 1: return dot_bfp_n<BF, 1>(w_row, x, x_stride, k, out);
+    case 2: return dot_bfp_n<BF, 2>(w_row, x, x_stride, k, out);
+    case 3: return dot_bfp_n<BF, 3>(w_row, x, x_stride, k, out);
+    case 4: return dot_bfp_n<BF, 4>(w_row, x, x_stride, k, out);
+    default: bad_n_x(n_x);
+  }
+}
+
+template <>
+AFM_AVX2 void dot_avx2<BfpRow<Bfp8>>(const uint8_t* w_row, const float* x, int64_t x_stride, int n_x, int64_t k,
+                                     float* out) {
+  dot_avx2_bfp<Bfp8>(w_row, x, x_stride, n_x, k, out);
+}
+
+
 #endif  // AFM_X86
 
 template <class Row>
