@@ -102,36 +102,46 @@ class CpuBackend final : public Backend {
     }
   }
 
+  // Per token and kv head: the `group` query heads that share it are adjacent in q, so each key
+  // is read once and scored against all of them with the SIMD dot kernel (keys are f32 rows).
   void attention(const Tensor& q, KVCache& cache, int64_t layer, std::span<const int32_t> positions,
                  Tensor& out) override {
     const KVShape& s = cache.shape();
-    const int64_t num_heads = q.cols / s.head_dim, group = num_heads / s.num_kv_heads;
-    const float scale = 1.0f / std::sqrt(float(s.head_dim));
-    const int64_t T = q.rows;
-    const int64_t work = T * num_heads * (positions.back() + 1) * s.head_dim;
-    parallel_for(T * num_heads, 1, work, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
+    const int64_t head_dim = s.head_dim, group = q.cols / head_dim / s.num_kv_heads;
+    const float scale = 1.0f / std::sqrt(float(head_dim));
+    const cpu::DotFn dot = cpu::dot_kernel(WeightFormat::F32);
+    const int64_t work = q.rows * q.cols * (positions.back() + 1);
+    parallel_for(q.rows * s.num_kv_heads, 1, work, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;  // [group][visible]
       for (int64_t item = begin; item < end; item++) {
-        const int64_t t = item / num_heads, h = item % num_heads;
-        const int64_t kv_head = h / group, visible = int64_t(positions[t]) + 1;
-        const float* query = q.row(t) + h * s.head_dim;
-        scores.resize(visible);
-        float max_score = -INFINITY;
+        const int64_t t = item / s.num_kv_heads, kv_head = item % s.num_kv_heads;
+        const int64_t visible = int64_t(positions[t]) + 1;
+        const float* queries = q.row(t) + kv_head * group * head_dim;
+        scores.resize(group * visible);
         for (int64_t p = 0; p < visible; p++) {
-          const float* key = cache.key(layer, kv_head, p);
-          float dot = 0;
-          for (int64_t d = 0; d < s.head_dim; d++) dot += query[d] * key[d];
-          scores[p] = dot * scale;
-          max_score = std::max(max_score, scores[p]);
+          const auto* key = reinterpret_cast<const uint8_t*>(cache.key(layer, kv_head, p));
+          float dots[cpu::kMaxDotRows];
+          for (int64_t h0 = 0; h0 < group; h0 += cpu::kMaxDotRows) {
+            const int n = int(std::min<int64_t>(cpu::kMaxDotRows, group - h0));
+            dot(key, queries + h0 * head_dim, head_dim, n, head_dim, dots);
+            for (int j = 0; j < n; j++) scores[(h0 + j) * visible + p] = dots[j] * scale;
+          }
         }
-        float sum = 0;
-        for (int64_t p = 0; p < visible; p++) sum += scores[p] = std::exp(scores[p] - max_score);
-        float* o = out.row(t) + h * s.head_dim;
-        std::fill_n(o, s.head_dim, 0.0f);
+        for (int64_t h = 0; h < group; h++) {  // softmax of each head's row, in place
+          float* row = &scores[h * visible];
+          const float max_score = *std::max_element(row, row + visible);
+          float sum = 0;
+          for (int64_t p = 0; p < visible; p++) sum += row[p] = std::exp(row[p] - max_score);
+          for (int64_t p = 0; p < visible; p++) row[p] /= sum;
+        }
+        float* o = out.row(t) + kv_head * group * head_dim;
+        std::fill_n(o, group * head_dim, 0.0f);
         for (int64_t p = 0; p < visible; p++) {
           const float* value = cache.value(layer, kv_head, p);
-          const float weight = scores[p] / sum;
-          for (int64_t d = 0; d < s.head_dim; d++) o[d] += weight * value[d];
+          for (int64_t h = 0; h < group; h++) {
+            const float weight = scores[h * visible + p];
+            for (int64_t d = 0; d < head_dim; d++) o[h * head_dim + d] += weight * value[d];
+          }
         }
       }
     });
