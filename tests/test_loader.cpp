@@ -22,6 +22,7 @@
 #include "error.h"
 #include "model.h"
 #include "safetensors.h"
+#include "support/checkpoint_writer.h"
 
 #ifndef AFM_SOURCE_DIR
 #error "AFM_SOURCE_DIR must name the repository root"
@@ -29,6 +30,7 @@
 
 namespace {
 
+using namespace afm_test;  // files, TempDir, the safetensors reader/writer
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using ::testing::AllOf;
@@ -47,40 +49,6 @@ const char* kShard2 = "model-00002-of-00002.safetensors";
 // ---------------------------------------------------------------------------------------------
 // Files
 
-std::string read_bytes(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("test helper: cannot read " + path.string());
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-void write_bytes(const fs::path& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) throw std::runtime_error("test helper: cannot write " + path.string());
-  out.write(bytes.data(), std::streamsize(bytes.size()));
-}
-
-// A fresh folder under the system temp dir, removed with everything in it at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "afm_test_loader_XXXXXX").string();
-    if (!mkdtemp(pattern.data())) throw std::runtime_error("test helper: mkdtemp failed");
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
-
 // Copy what a checkpoint is made of (config, index, model*.safetensors) into dst, writable
 // (the fixtures are read-only). Tokenizer and reference files are left behind: the loader
 // does not read them.
@@ -97,100 +65,10 @@ fs::path copy_checkpoint(const fs::path& src, const fs::path& dst) {
   return dst;
 }
 
-json read_json(const fs::path& path) { return json::parse(read_bytes(path)); }
-void write_json(const fs::path& path, const json& j) { write_bytes(path, j.dump(2)); }
-
 void edit_config(const fs::path& dir, const std::function<void(json&)>& edit) {
   json config = read_json(dir / "config.json");
   edit(config);
   write_json(dir / "config.json", config);
-}
-
-// ---------------------------------------------------------------------------------------------
-// A safetensors reader/writer independent of the code under test: 8-byte little-endian header
-// length, JSON header, then the data area.
-
-struct RawTensor {
-  std::string dtype;
-  std::vector<int64_t> shape;
-  std::string bytes;
-};
-using TensorMap = std::map<std::string, RawTensor>;
-
-std::string u64_le(uint64_t v) {
-  std::string out(8, '\0');
-  for (int i = 0; i < 8; i++) out[i] = char((v >> (8 * i)) & 0xff);
-  return out;
-}
-
-std::string encode_safetensors(const std::string& header, const std::string& data) {
-  return u64_le(header.size()) + header + data;
-}
-
-TensorMap read_safetensors(const fs::path& path) {
-  const std::string bytes = read_bytes(path);
-  uint64_t n = 0;
-  for (int i = 0; i < 8; i++) n |= uint64_t(uint8_t(bytes[i])) << (8 * i);
-  const json header = json::parse(bytes.substr(8, n));
-  TensorMap tensors;
-  for (const auto& [name, info] : header.items()) {
-    if (name == "__metadata__") continue;
-    const auto offsets = info.at("data_offsets").get<std::vector<uint64_t>>();
-    tensors[name] = RawTensor{info.at("dtype").get<std::string>(), info.at("shape").get<std::vector<int64_t>>(),
-                              bytes.substr(8 + n + offsets[0], offsets[1] - offsets[0])};
-  }
-  return tensors;
-}
-
-// The header of a well-formed file holding `tensors`, in name order, packed.
-json header_for(const TensorMap& tensors, std::string* data) {
-  json header = json::object();
-  header["__metadata__"] = {{"format", "pt"}};
-  data->clear();
-  for (const auto& [name, t] : tensors) {
-    const uint64_t begin = data->size();
-    header[name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", json::array({begin, begin + t.bytes.size()})}};
-    *data += t.bytes;
-  }
-  return header;
-}
-
-void write_safetensors(const fs::path& path, const TensorMap& tensors) {
-  std::string data;
-  const json header = header_for(tensors, &data);
-  write_bytes(path, encode_safetensors(header.dump(), data));
-}
-
-// Read-modify-write one safetensors file's tensors.
-void edit_tensors(const fs::path& path, const std::function<void(TensorMap&)>& edit) {
-  TensorMap tensors = read_safetensors(path);
-  edit(tensors);
-  write_safetensors(path, tensors);
-}
-
-// Read-modify-write one safetensors file's header, keeping its data area as it is.
-void edit_header(const fs::path& path, const std::function<void(json&)>& edit) {
-  const std::string bytes = read_bytes(path);
-  uint64_t n = 0;
-  for (int i = 0; i < 8; i++) n |= uint64_t(uint8_t(bytes[i])) << (8 * i);
-  json header = json::parse(bytes.substr(8, n));
-  edit(header);
-  write_bytes(path, encode_safetensors(header.dump(), bytes.substr(8 + n)));
-}
-
-float bf16_bits_to_f32(uint16_t h) {
-  const uint32_t bits = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// float -> IEEE binary16, round to nearest even (the compiler's _Float16 conversion).
-uint16_t f32_to_f16_bits(float f) {
-  const _Float16 h = static_cast<_Float16>(f);
-  uint16_t bits;
-  std::memcpy(&bits, &h, 2);
-  return bits;
 }
 
 // Rewrite every BF16 tensor of a file as F32 (exact) or F16 (rounded).
