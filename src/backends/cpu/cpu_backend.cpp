@@ -158,9 +158,9 @@ class CpuBackend final : public Backend {
     }
   }
 
-  // Below about a million multiply-adds one thread finishes before the others could start.
+  // Below about 65k multiply-adds one thread finishes before the others could start.
   void parallel_for(int64_t n, int64_t chunk, int64_t multiply_adds, const std::function<void(int64_t, int64_t)>& body) {
-    if (multiply_adds < (int64_t(1) << 20)) return body(0, n);
+    if (multiply_adds < (int64_t(1) << 16)) return body(0, n);
     pool_.parallel_for(n, chunk, body);
   }
 
