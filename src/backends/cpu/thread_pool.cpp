@@ -36,9 +36,16 @@ ThreadPool::~ThreadPool() {
   for (std::thread& t : workers_) t.join();
 }
 
-void ThreadPool::run_chunks() {
-  for (int64_t begin = next_.fetch_add(chunk_); begin < n_; begin = next_.fetch_add(chunk_))
+void ThreadPool::run_chunks(uint64_t job) {
+  uint64_t cursor = cursor_.load(std::memory_order_acquire);
+  while ((cursor >> 32) == job && int64_t(cursor & 0xffffffffu) < chunks_) {
+    if (!cursor_.compare_exchange_weak(cursor, cursor + 1, std::memory_order_acq_rel)) continue;
+    // Claimed: the job cannot finish before this chunk does, so its fields stay valid.
+    const int64_t begin = int64_t(cursor & 0xffffffffu) * chunk_;
     (*body_)(begin, std::min(n_, begin + chunk_));
+    if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks_) done_.notify_all();
+    cursor = cursor_.load(std::memory_order_acquire);
+  }
 }
 
 void ThreadPool::worker_loop() {
@@ -47,8 +54,7 @@ void ThreadPool::worker_loop() {
     spin_then_wait(generation_, [&](uint32_t generation) { return generation != seen; });
     seen = generation_.load(std::memory_order_acquire);
     if (stop_.load()) return;
-    run_chunks();
-    if (busy_.fetch_sub(1, std::memory_order_acq_rel) == 1) busy_.notify_one();
+    run_chunks(cursor_.load(std::memory_order_acquire) >> 32);
   }
 }
 
@@ -59,12 +65,14 @@ void ThreadPool::parallel_for(int64_t n, int64_t chunk, const std::function<void
   body_ = &body;
   n_ = n;
   chunk_ = chunk;
-  next_.store(0);
-  busy_.store(int(workers_.size()));
+  chunks_ = (n + chunk - 1) / chunk;
+  done_.store(0);
+  job_ = (job_ + 1) & 0xffffffffu;
+  cursor_.store(job_ << 32, std::memory_order_release);
   generation_.fetch_add(1, std::memory_order_release);
   generation_.notify_all();
-  run_chunks();
-  spin_then_wait(busy_, [](int busy) { return busy == 0; });
+  run_chunks(job_);
+  spin_then_wait(done_, [&](int64_t done) { return done == chunks_; });
 }
 
 }  // namespace afm::cpu

@@ -1,6 +1,6 @@
 // A fixed pool of worker threads for the CPU backend's parallel loops. Idle workers spin briefly,
 // then sleep on a futex, so back-to-back ops start fast while a busy machine loses no core to
-// spinning (OpenMP's default spin-waiting made a shared 2-core machine 10x slower).
+// spinning; and a job never waits for a worker the OS has not scheduled.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -25,14 +25,18 @@ class ThreadPool {
 
  private:
   void worker_loop();
-  void run_chunks();
+  void run_chunks(uint64_t job);
 
   std::vector<std::thread> workers_;
+  // The current job. A chunk is claimed by advancing `cursor_`, whose high half names the job,
+  // so a worker that wakes late can never claim a chunk of a job that already finished; the
+  // caller waits only for chunks actually claimed, never for a descheduled worker to check in.
   const std::function<void(int64_t, int64_t)>* body_ = nullptr;
-  int64_t n_ = 0, chunk_ = 1;
-  std::atomic<int64_t> next_{0};
-  std::atomic<uint32_t> generation_{0};  // bumped to start a job
-  std::atomic<int> busy_{0};             // workers still in the current job
+  int64_t n_ = 0, chunk_ = 1, chunks_ = 0;
+  uint64_t job_ = 0;                     // written by the calling thread only
+  std::atomic<uint64_t> cursor_{0};      // (job << 32) | next chunk
+  std::atomic<int64_t> done_{0};         // chunks of the current job finished
+  std::atomic<uint32_t> generation_{0};  // bumped to wake the workers
   std::atomic<bool> stop_{false};
 };
 
