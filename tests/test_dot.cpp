@@ -21,17 +21,6 @@ namespace {
 constexpr WeightFormat kFormats[] = {WeightFormat::F32, WeightFormat::F16, WeightFormat::BF16,
                                      WeightFormat::BFP8, WeightFormat::BFP4};
 
-const char* name(WeightFormat f) {
-  switch (f) {
-    case WeightFormat::F32: return "f32";
-    case WeightFormat::F16: return "f16";
-    case WeightFormat::BF16: return "bf16";
-    case WeightFormat::BFP8: return "bfp8";
-    case WeightFormat::BFP4: return "bfp4";
-  }
-  return "?";
-}
-
 // IEEE half from its fields, written independently of the kernel's converter.
 double half_value(uint16_t h) {
   const int exp = (h >> 10) & 0x1F, man = h & 0x3FF;
@@ -134,11 +123,11 @@ TEST(Dot, AllFormatsIsasAndShapes) {
           // Weights decode exactly, so the only error is f32 summation: at most ~k ulps of sum |w x|.
           const double tol = (k + 2) * 0x1p-24 * abs_sum;
           for (size_t a = 0; a < outs.size(); a++) {
-            EXPECT_NEAR(outs[a][j], ref, tol) << name(f) << " " << afm::cpu::isa_name(isas()[a]) << " k=" << k
+            EXPECT_NEAR(outs[a][j], ref, tol) << afm::format_name(f) << " " << afm::cpu::isa_name(isas()[a]) << " k=" << k
                                               << " n_x=" << n_x << " row " << j;
           }
           if (outs.size() == 2) {
-            EXPECT_NEAR(outs[0][j], outs[1][j], 2 * tol) << name(f) << " scalar vs avx2, k=" << k;
+            EXPECT_NEAR(outs[0][j], outs[1][j], 2 * tol) << afm::format_name(f) << " scalar vs avx2, k=" << k;
           }
         }
       }

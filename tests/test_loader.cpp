@@ -81,7 +81,7 @@ void convert_bf16_tensors(const fs::path& path, const std::string& target) {
       for (size_t i = 0; i < n; i++) {
         uint16_t h;
         std::memcpy(&h, t.bytes.data() + 2 * i, 2);
-        const float f = bf16_bits_to_f32(h);
+        const float f = bf16_to_f32(h);
         if (target == "F32") {
           std::memcpy(out.data() + 4 * i, &f, 4);
         } else {

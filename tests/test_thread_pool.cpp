@@ -14,7 +14,7 @@ TEST(ThreadPool, CoversEveryItemOnceAcrossManyJobs) {
     afm::cpu::ThreadPool pool(threads);
     EXPECT_EQ(pool.size(), threads);
     // Thousands of tiny jobs in a row: the pattern of a decode step, and where a lost wake-up hangs.
-    for (int job = 0; job < 2000; job++) {
+    for (int job = 0; job < 20000; job++) {
       const int64_t n = 1 + job % 97;
       std::vector<std::atomic<int>> hits(n);
       pool.parallel_for(n, 1 + job % 5, [&](int64_t begin, int64_t end) {

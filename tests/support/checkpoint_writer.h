@@ -2,6 +2,7 @@
 // safetensors reader/writer (8-byte little-endian header length, JSON header, then the data
 // area), so tests can build real checkpoints on disk and edit or damage them.
 #pragma once
+#include "numeric.h"
 #include <stdlib.h>
 
 #include <cmath>
@@ -136,20 +137,9 @@ inline void edit_header(const fs::path& path, const std::function<void(json&)>& 
 // ---------------------------------------------------------------------------------------------
 // Number formats
 
-inline float bf16_bits_to_f32(uint16_t h) {
-  const uint32_t bits = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// float -> bfloat16, round to nearest even (finite inputs).
-inline uint16_t f32_to_bf16_bits(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  bits += 0x7fff + ((bits >> 16) & 1);
-  return uint16_t(bits >> 16);
-}
+// bf16 conversions are afm's own (numeric.h): storage format helpers, not code under test here.
+using afm::bf16_to_f32;
+using afm::f32_to_bf16;
 
 // float -> IEEE binary16, round to nearest even (the compiler's _Float16 conversion).
 inline uint16_t f32_to_f16_bits(float f) {
@@ -172,8 +162,8 @@ inline RawTensor make_tensor(std::vector<float>& values, std::vector<int64_t> sh
   } else if (dtype == "BF16") {
     t.bytes.resize(values.size() * 2);
     for (size_t i = 0; i < values.size(); i++) {
-      const uint16_t b = f32_to_bf16_bits(values[i]);
-      values[i] = bf16_bits_to_f32(b);
+      const uint16_t b = f32_to_bf16(values[i]);
+      values[i] = bf16_to_f32(b);
       std::memcpy(t.bytes.data() + 2 * i, &b, 2);
     }
   } else {

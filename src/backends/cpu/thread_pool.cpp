@@ -1,6 +1,7 @@
 #include "backends/cpu/thread_pool.h"
 
 #include <algorithm>
+#include <stdexcept>
 
 namespace afm::cpu {
 
@@ -8,6 +9,7 @@ namespace {
 
 // About 20-50 microseconds of polling: long enough to catch the next op of a forward pass.
 constexpr int kSpinIterations = 20000;
+constexpr uint64_t kClosed = 0xffffffffu;  // chunk index of a finished job
 
 // Polls `value` until ready(value), then sleeps on it between changes.
 template <typename T, typename Ready>
@@ -66,6 +68,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t chunk, const std::function<void
   n_ = n;
   chunk_ = chunk;
   chunks_ = (n + chunk - 1) / chunk;
+  if (chunks_ >= int64_t(kClosed)) throw std::length_error("ThreadPool: too many chunks");
   done_.store(0);
   job_ = (job_ + 1) & 0xffffffffu;
   cursor_.store(job_ << 32, std::memory_order_release);
@@ -73,6 +76,9 @@ void ThreadPool::parallel_for(int64_t n, int64_t chunk, const std::function<void
   generation_.notify_all();
   run_chunks(job_);
   spin_then_wait(done_, [&](int64_t done) { return done == chunks_; });
+  // Close the job before its fields are reused: a worker still holding an old cursor value now
+  // fails its claim instead of reading the next job's chunk count.
+  cursor_.store((job_ << 32) | kClosed, std::memory_order_release);
 }
 
 }  // namespace afm::cpu

@@ -34,7 +34,7 @@ class ThreadPool {
   const std::function<void(int64_t, int64_t)>* body_ = nullptr;
   int64_t n_ = 0, chunk_ = 1, chunks_ = 0;
   uint64_t job_ = 0;                     // written by the calling thread only
-  std::atomic<uint64_t> cursor_{0};      // (job << 32) | next chunk
+  std::atomic<uint64_t> cursor_{0xffffffffu};  // (job << 32) | next chunk; closed between jobs
   std::atomic<int64_t> done_{0};         // chunks of the current job finished
   std::atomic<uint32_t> generation_{0};  // bumped to wake the workers
   std::atomic<bool> stop_{false};
