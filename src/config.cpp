@@ -1,5 +1,6 @@
 #include "config.h"
 
+#include <cmath>
 #include <fstream>
 #include <limits>
 #include <type_traits>
@@ -90,6 +91,18 @@ RopeConfig parse_rope(const json& root, int64_t max_positions, const std::string
 }
 
 // A token id or a list of them, as eos_token_id may be either.
+// Values the RoPE formulas divide by or take logarithms of; out of range they give NaN silently.
+void check_rope(const RopeConfig& rope, const std::string& where) {
+  if (!std::isfinite(rope.theta) || rope.theta <= (rope.type == "yarn" ? 1.0 : 0.0))
+    throw Error(where + ": rope_theta must be a positive number" + (rope.type == "yarn" ? " above 1" : ""));
+  if ((rope.type == "yarn" || rope.type == "llama3") && rope.original_max_position_embeddings <= 0)
+    throw Error(where + ": original_max_position_embeddings must be positive");
+  if (rope.type == "llama3" && !(rope.high_freq_factor > rope.low_freq_factor && rope.low_freq_factor > 0))
+    throw Error(where + ": llama3 rope needs 0 < low_freq_factor < high_freq_factor");
+  if (!(rope.partial_rotary_factor > 0 && rope.partial_rotary_factor <= 1))
+    throw Error(where + ": partial_rotary_factor must be in (0, 1]");
+}
+
 std::vector<int32_t> parse_ids(const json& root, const char* key, const std::string& source) {
   if (!root.contains(key) || root[key].is_null()) return {};
   if (!root[key].is_array()) return {convert<int32_t>(root, key, source)};
@@ -137,6 +150,8 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
   c.attention_bias = optional_key<bool>(root, "attention_bias", false, source);
   c.mlp_bias = optional_key<bool>(root, "mlp_bias", false, source);
   c.rope = parse_rope(root, c.max_position_embeddings, source);
+  check_rope(c.rope, source);
+  if (!std::isfinite(c.rms_norm_eps) || c.rms_norm_eps < 0) throw Error(source + ": rms_norm_eps must be a non-negative number");
   if (auto bos = parse_ids(root, "bos_token_id", source); !bos.empty()) c.bos_token_id = bos[0];
   c.eos_token_ids = parse_ids(root, "eos_token_id", source);
   return c;

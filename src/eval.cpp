@@ -1,6 +1,7 @@
 #include "eval.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -13,7 +14,10 @@ namespace afm {
 
 static std::vector<int32_t> to_ids(const TensorView& view) {
   std::vector<int32_t> ids;
-  for (int64_t id : view.to_i64()) ids.push_back(int32_t(id));
+  for (int64_t id : view.to_i64()) {
+    if (id < 0 || id > INT32_MAX) throw Error(view.describe() + ": token id " + std::to_string(id) + " is out of range");
+    ids.push_back(int32_t(id));
+  }
   return ids;
 }
 
@@ -35,8 +39,14 @@ Reference load_reference(const std::string& path) {
       ref.vocab_size = view.shape[1];
       (std::string(key) == "logits" ? prompt.logits : prompt.decode_logits) = view.to_f32();
     }
-    for (int64_t layer = 0; file.contains(p + "hidden." + std::to_string(layer)); layer++)
-      prompt.hidden[layer] = file.get(p + "hidden." + std::to_string(layer)).to_f32();
+    for (int64_t layer = 0; file.contains(p + "hidden." + std::to_string(layer)); layer++) {
+      const TensorView& view = file.get(p + "hidden." + std::to_string(layer));
+      if (view.shape.size() != 2 || view.shape[0] != int64_t(prompt.ids.size()))
+        throw Error(path + ": " + view.describe() + " does not match the prompt's token count");
+      if (ref.hidden_size && view.shape[1] != ref.hidden_size) throw Error(path + ": hidden states disagree on their width");
+      ref.hidden_size = view.shape[1];
+      prompt.hidden[layer] = view.to_f32();
+    }
   }
   if (ref.prompts.empty()) throw Error(path + ": no prompt.0.ids tensor; not an afm/HF reference file");
   return ref;
@@ -62,16 +72,21 @@ Reference prompt_reference(const std::vector<int32_t>& prompt_ids, const std::st
                   std::to_string(prompt_ids.size()) + " tokens: the reference was made from another prompt or tokenizer");
   }
   prompt.ids = prompt_ids;
-  const int64_t available = int64_t(prompt.generated.size());
-  if (max_new_tokens > available)
-    throw Error(path + " holds " + std::to_string(available) + " reference tokens, fewer than --max-new-tokens " +
-                std::to_string(max_new_tokens));
-  if (max_new_tokens > 0) {
-    prompt.generated.resize(max_new_tokens);
-    if (!prompt.decode_logits.empty()) prompt.decode_logits.resize(max_new_tokens * ref.vocab_size);
-  }
   ref.prompts.push_back(std::move(prompt));
+  truncate_steps(ref, max_new_tokens, path);
   return ref;
+}
+
+void truncate_steps(Reference& reference, int64_t max_new_tokens, const std::string& source) {
+  if (max_new_tokens <= 0) return;
+  for (PromptReference& prompt : reference.prompts) {
+    const int64_t available = int64_t(prompt.generated.size());
+    if (max_new_tokens > available)
+      throw Error(source + " holds " + std::to_string(available) + " reference tokens, fewer than --max-new-tokens " +
+                  std::to_string(max_new_tokens));
+    prompt.generated.resize(max_new_tokens);
+    if (!prompt.decode_logits.empty()) prompt.decode_logits.resize(max_new_tokens * reference.vocab_size);
+  }
 }
 
 double max_row_relative_error(const float* ours, const float* ref, int64_t rows, int64_t cols) {
@@ -83,21 +98,31 @@ double max_row_relative_error(const float* ours, const float* ref, int64_t rows,
       diff += d * d;
       norm += double(ref[r * cols + c]) * ref[r * cols + c];
     }
-    worst = std::max(worst, std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30));
+    const double err = std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30);
+    // NaN or inf in our output is the worst possible error, never a silent zero.
+    worst = std::isfinite(err) ? std::max(worst, err) : INFINITY;
   }
   return worst;
 }
 
-// How many logits beat the token's (ties go to the lower id, as torch.argmax and topk do).
+// How many logits beat the token's (ties go to the lower id, as torch.argmax and topk do). A NaN
+// anywhere makes the token last: a broken forward pass must never count as a hit.
 static int64_t rank_of(const float* logits, int64_t vocab, int32_t token) {
+  if (!std::isfinite(logits[token])) return vocab;
   int64_t rank = 0;
   for (int64_t i = 0; i < vocab; i++)
-    rank += logits[i] > logits[token] || (logits[i] == logits[token] && i < token);
+    rank += std::isnan(logits[i]) || logits[i] > logits[token] || (logits[i] == logits[token] && i < token);
   return rank;
 }
 
 static void check_fits(const Model& model, const Reference& reference) {
   const int64_t vocab = model.config().vocab_size;
+  if (reference.hidden_size && reference.hidden_size != model.config().hidden_size)
+    throw Error("the reference's hidden states are " + std::to_string(reference.hidden_size) +
+                " wide but the model's hidden size is " + std::to_string(model.config().hidden_size));
+  for (const PromptReference& p : reference.prompts)
+    if (!p.hidden.empty() && p.hidden.rbegin()->first > model.config().num_layers)
+      throw Error("the reference has more hidden states than the model has layers");
   if (reference.vocab_size && reference.vocab_size != vocab)
     throw Error("the reference's logits have " + std::to_string(reference.vocab_size) +
                 " columns but the model's vocabulary is " + std::to_string(vocab) + ": wrong model for this reference");
@@ -107,8 +132,10 @@ static void check_fits(const Model& model, const Reference& reference) {
         if (id < 0 || id >= vocab)
           throw Error("the reference contains token id " + std::to_string(id) + ", outside the model's vocabulary of " +
                       std::to_string(vocab));
-    if (int64_t(p.ids.size() + p.generated.size()) > model.max_seq_len())
-      throw Error("a reference prompt needs " + std::to_string(p.ids.size() + p.generated.size()) +
+    // The last reference token is scored, never fed.
+    const int64_t positions = int64_t(p.ids.size() + std::max<size_t>(p.generated.size(), 1) - 1);
+    if (positions > model.max_seq_len())
+      throw Error("a reference prompt needs " + std::to_string(positions) +
                   " positions but the model was built with max_seq_len " + std::to_string(model.max_seq_len()));
   }
 }

@@ -19,11 +19,15 @@ struct PromptReference {
 };
 
 struct Reference {
-  int64_t vocab_size = 0;  // 0 when the reference carries no logits
+  int64_t vocab_size = 0;   // 0 when the reference carries no logits
+  int64_t hidden_size = 0;  // 0 when it carries no hidden states
   std::vector<PromptReference> prompts;
 };
 
 Reference load_reference(const std::string& safetensors_path);
+
+// Keep the first `max_new_tokens` reference steps of every prompt (0: all); throws when a prompt has fewer.
+void truncate_steps(Reference& reference, int64_t max_new_tokens, const std::string& source);
 
 // The bring-up note's eval: a prompt tokenized by afm, and the reference tokens HF generated after
 // it, from a reference.safetensors (its prompt 0, whose ids must equal `prompt_ids`) or from a

@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include <algorithm>
+#include <climits>
 #include <filesystem>
 #include <fstream>
 
@@ -107,7 +108,8 @@ static int64_t available_memory() {
 }
 
 static int64_t choose_max_seq_len(const ModelConfig& c, int64_t requested) {
-  if (requested < 0) throw Error("max_seq_len must be positive");
+  // Positions are int32 in the op set.
+  if (requested < 0 || requested > INT32_MAX) throw Error("max_seq_len must be between 1 and 2^31 - 1");
   if (requested > 0) return requested;
   // Default: the config's limit, capped so a full KV cache takes at most half the free memory.
   const int64_t bytes_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * int64_t(sizeof(float));

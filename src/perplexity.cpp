@@ -62,6 +62,8 @@ PerplexityResult perplexity(Model& model, std::span<const int32_t> tokens, const
 
   double nll_sum = 0;
   PerplexityResult result;
+  result.context = context;
+  result.stride = stride;
   int64_t prev_end = 0;
   for (int64_t begin = 0; prev_end < n; begin += stride) {
     const int64_t end = std::min(begin + context, n), length = end - begin, trg_len = end - prev_end;

@@ -20,6 +20,7 @@ struct PerplexityResult {
   double nll_per_token = 0;  // natural log
   int64_t tokens_scored = 0;  // HF's n_tokens: the count the summed NLL is divided by
   int64_t windows = 0;
+  int64_t context = 0, stride = 0;  // as resolved from the options' defaults
 };
 
 // Throws afm::Error (naming --ctx, --stride or --text) unless 2 <= context <= max_seq_len,

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <thread>
 
 #include "blockfloat.h"
@@ -75,27 +76,39 @@ Weight make_weight(const TensorView& view, WeightFormat target) {
   w.format = target;
   w.row_bytes = row_bytes(target, w.cols);
   auto buffer = std::shared_ptr<uint8_t[]>(new uint8_t[w.rows * w.row_bytes]);
-  // Rows convert independently; a 4.6B-parameter model is worth every core at load.
-  const int64_t num_threads = std::clamp<int64_t>(std::thread::hardware_concurrency(), 1, std::max<int64_t>(1, w.rows / 64));
+  auto convert_rows = [&](int64_t begin, int64_t end) {
+    std::vector<float> row(w.cols);
+    for (int64_t r = begin; r < end; r++) {
+      floats_to_f32(view.dtype, view.data + r * row_bytes(source, w.cols), w.cols, row.data());
+      uint8_t* dst = buffer.get() + r * w.row_bytes;
+      if (target == WeightFormat::BF16) {
+        for (int64_t c = 0; c < w.cols; c++) {
+          uint16_t h = f32_to_bf16(row[c]);
+          std::memcpy(dst + 2 * c, &h, 2);
+        }
+      } else {
+        block_float_quantize_row(target, row.data(), w.cols, dst);
+      }
+    }
+  };
+  // Rows convert independently; a 4.6B-parameter model is worth every core at load. An error in
+  // any thread (a non-finite weight) is rethrown here.
+  const int64_t num_threads =
+      std::clamp<int64_t>(std::thread::hardware_concurrency(), 1, std::max<int64_t>(1, w.rows / 64));
+  std::vector<std::exception_ptr> failures(num_threads);
   std::vector<std::thread> threads;
   for (int64_t t = 0; t < num_threads; t++) {
     threads.emplace_back([&, t] {
-      std::vector<float> row(w.cols);
-      for (int64_t r = t * w.rows / num_threads; r < (t + 1) * w.rows / num_threads; r++) {
-        floats_to_f32(view.dtype, view.data + r * row_bytes(source, w.cols), w.cols, row.data());
-        uint8_t* dst = buffer.get() + r * w.row_bytes;
-        if (target == WeightFormat::BF16) {
-          for (int64_t c = 0; c < w.cols; c++) {
-            uint16_t h = f32_to_bf16(row[c]);
-            std::memcpy(dst + 2 * c, &h, 2);
-          }
-        } else {
-          block_float_quantize_row(target, row.data(), w.cols, dst);
-        }
+      try {
+        convert_rows(t * w.rows / num_threads, (t + 1) * w.rows / num_threads);
+      } catch (...) {
+        failures[t] = std::current_exception();
       }
     });
   }
   for (std::thread& t : threads) t.join();
+  for (const std::exception_ptr& failure : failures)
+    if (failure) std::rethrow_exception(failure);
   w.data = buffer.get();
   w.owner = buffer;
   return w;

@@ -107,12 +107,19 @@ TEST(Cli, EvalComparesWeightFormatsAndDefaultsToBfp8) {
   EXPECT_EQ(by_default["top1"], several["formats"]["bfp8"]["top1"]);
 }
 
+TEST(Cli, EvalMaxNewTokensLimitsTheStepsOfEveryPrompt) {
+  json out = json::parse(afm("eval --json --weights f32 -n 5 --reference " + kRepo +
+                             "/tests/fixtures/afm-tiny-austen-reference/reference.safetensors")
+                             .out);
+  for (const json& prompt : out["prompts"]) EXPECT_EQ(prompt["steps"], 5);
+}
+
 TEST(Cli, EvalRefusesAReferenceThatDoesNotFitTheModel) {
   Result run = afm("eval --max-seq-len 64 --reference " + kRepo +
                     "/tests/fixtures/afm-tiny-austen-reference/reference.safetensors",
                 true);
   EXPECT_EQ(run.status, 1);
-  EXPECT_THAT(run.out, HasSubstr("needs 219 positions but the model was built with max_seq_len 64"));
+  EXPECT_THAT(run.out, HasSubstr("needs 218 positions but the model was built with max_seq_len 64"));
 }
 
 TEST(Cli, ChatAnswersEachTurnAndResets) {
@@ -147,6 +154,14 @@ TEST(Cli, ErrorsSayWhatToDo) {
   Result bad_weights = afm("generate --prompt hi --weights fp7", true);
   EXPECT_EQ(bad_weights.status, 1);
   EXPECT_THAT(bad_weights.out, HasSubstr("unknown weight format \"fp7\""));
+
+  Result empty_stop = afm("generate --prompt hi --stop ''", true);
+  EXPECT_EQ(empty_stop.status, 1);
+  EXPECT_THAT(empty_stop.out, HasSubstr("--stop needs a non-empty string"));
+
+  Result huge_context = afm("generate --prompt hi --max-seq-len 3000000000", true);
+  EXPECT_EQ(huge_context.status, 1);
+  EXPECT_THAT(huge_context.out, HasSubstr("max_seq_len must be between"));
 
   Result bad_ids = afm("detokenize '[1, 99999]'", true);
   EXPECT_EQ(bad_ids.status, 1);

@@ -469,6 +469,22 @@ TEST(Config, MalformedEosListIsAnAfmError) {
   EXPECT_THAT(config_error(config), HasSubstr("eos_token_id"));
 }
 
+// RoPE values the formulas divide by or take logs of: out of range they would give NaN logits.
+TEST(Config, RopeValuesThatWouldGiveNaNAreErrors) {
+  json config = read_json(kTinyArcee / "config.json");
+  config["rope_theta"] = 0;
+  EXPECT_THAT(config_error(config), HasSubstr("rope_theta"));
+  config = read_json(kTinyArcee / "config.json");
+  config["rope_scaling"]["original_max_position_embeddings"] = 0;
+  EXPECT_THAT(config_error(config), HasSubstr("original_max_position_embeddings"));
+  config = read_json(kTinyLlama / "config.json");
+  config["rope_parameters"]["high_freq_factor"] = 1.0;
+  EXPECT_THAT(config_error(config), HasSubstr("low_freq_factor < high_freq_factor"));
+  config = read_json(kTinyArcee / "config.json");
+  config["rms_norm_eps"] = -1e-5;
+  EXPECT_THAT(config_error(config), HasSubstr("rms_norm_eps"));
+}
+
 // A token id beyond int32 must be rejected, not wrapped onto another token (4294967297 -> 1).
 TEST(Config, TokenIdOutOfRangeIsAnAfmError) {
   json config = read_json(kTinyArcee / "config.json");

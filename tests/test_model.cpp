@@ -1,6 +1,7 @@
 // The engine against HF transformers: logits, greedy tokens and hidden states of the fixtures.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <numeric>
 
 #include "error.h"
@@ -112,6 +113,13 @@ TEST(Model, TokenOutsideTheVocabularyIsAClearError) {
   } catch (const afm::Error& e) {
     EXPECT_NE(std::string(e.what()).find("token id 5000"), std::string::npos) << e.what();
   }
+}
+
+TEST(Eval, NonFiniteOutputIsTheWorstErrorNotZero) {
+  const float ref[3] = {1, 2, 3}, nan_row[3] = {1, NAN, 3}, inf_row[3] = {INFINITY, 2, 3};
+  EXPECT_EQ(afm::max_row_relative_error(ref, ref, 1, 3), 0.0);
+  EXPECT_TRUE(std::isinf(afm::max_row_relative_error(nan_row, ref, 1, 3)));
+  EXPECT_TRUE(std::isinf(afm::max_row_relative_error(inf_row, ref, 1, 3)));
 }
 
 TEST(Model, DefaultMaxSeqLenIsTheConfigLimitWhenMemoryAllows) {

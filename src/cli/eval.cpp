@@ -30,7 +30,11 @@ std::vector<std::string> weight_formats(const std::string& flag) {
 }
 
 Reference load(const EvalFlags& flags) {
-  if (!flags.reference.empty()) return load_reference(flags.reference);
+  if (!flags.reference.empty()) {
+    Reference reference = load_reference(flags.reference);
+    truncate_steps(reference, flags.max_new_tokens, flags.reference);
+    return reference;
+  }
   if (flags.prompt_file.empty() || flags.reference_tokens.empty())
     throw Error("give --reference FILE, or --prompt-file F with --reference-tokens R");
   Tokenizer tokenizer = Tokenizer::load(flags.model.file("tokenizer.json"));

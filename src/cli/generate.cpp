@@ -52,6 +52,8 @@ struct SamplingFlags {
     options.max_new_tokens = *max_new_opt ? max_new_tokens : gen.new_token_limit(prompt_tokens);
     if (options.max_new_tokens < 0) throw Error("--max-new-tokens must be at least 0");
     options.eos_token_ids = gen.eos_token_ids;
+    for (const std::string& s : stop)
+      if (s.empty()) throw Error("--stop needs a non-empty string");
     options.stop_strings = stop;
     return options;
   }

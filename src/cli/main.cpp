@@ -20,6 +20,12 @@ int main(int argc, char** argv) {
   } catch (const afm::Error& e) {
     std::fprintf(stderr, "\nafm: error: %s\n", e.what());
     return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "\nafm: error: out of memory (a smaller --max-seq-len or weight format may fit)\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "\nafm: error: %s\n", e.what());
+    return 1;
   }
   return 0;
 }

@@ -26,8 +26,8 @@ void run(PerplexityFlags flags) {
   auto model = flags.model.build();
 
   PerplexityOptions options;
-  options.context = flags.context ? flags.context : model->max_seq_len();
-  options.stride = flags.stride ? flags.stride : options.context;
+  options.context = flags.context;
+  options.stride = flags.stride;
   options.on_progress = progress_bar("perplexity", "tokens");
   const auto start = std::chrono::steady_clock::now();
   const PerplexityResult result = perplexity(*model, tokens, options);
@@ -38,12 +38,12 @@ void run(PerplexityFlags flags) {
   if (flags.json_output) {
     const nlohmann::json out = {{"perplexity", result.perplexity}, {"nll_per_token", result.nll_per_token},
                                 {"tokens", result.tokens_scored},  {"windows", result.windows},
-                                {"ctx", options.context},          {"stride", options.stride},
+                                {"ctx", result.context},           {"stride", result.stride},
                                 {"weights", format_name(model->weight_format())}};
     std::printf("%s\n", out.dump().c_str());
   } else {
     std::printf("perplexity: %.3f over %ld tokens (%ld windows, ctx %ld, stride %ld)\n", result.perplexity,
-                long(result.tokens_scored), long(result.windows), long(options.context), long(options.stride));
+                long(result.tokens_scored), long(result.windows), long(result.context), long(result.stride));
   }
 }
 

@@ -7,7 +7,8 @@ namespace afm::cpu {
 
 namespace {
 
-// About 20-50 microseconds of polling: long enough to catch the next op of a forward pass.
+// Tens of microseconds to about a millisecond of polling, depending on the CPU's `pause`: long
+// enough to catch the next op of a forward pass, short enough to yield a contended core soon.
 constexpr int kSpinIterations = 20000;
 constexpr uint64_t kClosed = 0xffffffffu;  // chunk index of a finished job
 
@@ -39,13 +40,14 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::run_chunks(uint64_t job) {
-  uint64_t cursor = cursor_.load(std::memory_order_acquire);
-  while ((cursor >> 32) == job && int64_t(cursor & 0xffffffffu) < chunks_) {
+  for (uint64_t cursor = cursor_.load(std::memory_order_acquire); (cursor >> 32) == job;) {
+    const int64_t index = int64_t(cursor & kClosed), chunks = chunks_.load(std::memory_order_relaxed);
+    if (index >= chunks) return;  // all claimed, or closed
     if (!cursor_.compare_exchange_weak(cursor, cursor + 1, std::memory_order_acq_rel)) continue;
-    // Claimed: the job cannot finish before this chunk does, so its fields stay valid.
-    const int64_t begin = int64_t(cursor & 0xffffffffu) * chunk_;
-    (*body_)(begin, std::min(n_, begin + chunk_));
-    if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks_) done_.notify_all();
+    // Claimed: the job cannot finish before this chunk does, so the fields read are this job's.
+    const int64_t n = n_.load(std::memory_order_relaxed), chunk = chunk_.load(std::memory_order_relaxed);
+    (*body_.load(std::memory_order_relaxed))(index * chunk, std::min(n, index * chunk + chunk));
+    if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) done_.notify_all();
     cursor = cursor_.load(std::memory_order_acquire);
   }
 }
@@ -64,18 +66,19 @@ void ThreadPool::parallel_for(int64_t n, int64_t chunk, const std::function<void
   if (n <= 0) return;
   chunk = std::max<int64_t>(chunk, 1);
   if (workers_.empty() || n <= chunk) return body(0, n);
-  body_ = &body;
-  n_ = n;
-  chunk_ = chunk;
-  chunks_ = (n + chunk - 1) / chunk;
-  if (chunks_ >= int64_t(kClosed)) throw std::length_error("ThreadPool: too many chunks");
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  if (chunks >= int64_t(kClosed)) throw std::length_error("ThreadPool: too many chunks");
+  body_.store(&body, std::memory_order_relaxed);
+  n_.store(n, std::memory_order_relaxed);
+  chunk_.store(chunk, std::memory_order_relaxed);
+  chunks_.store(chunks, std::memory_order_relaxed);
   done_.store(0);
   job_ = (job_ + 1) & 0xffffffffu;
   cursor_.store(job_ << 32, std::memory_order_release);
   generation_.fetch_add(1, std::memory_order_release);
   generation_.notify_all();
   run_chunks(job_);
-  spin_then_wait(done_, [&](int64_t done) { return done == chunks_; });
+  spin_then_wait(done_, [&](int64_t done) { return done == chunks; });
   // Close the job before its fields are reused: a worker still holding an old cursor value now
   // fails its claim instead of reading the next job's chunk count.
   cursor_.store((job_ << 32) | kClosed, std::memory_order_release);

@@ -31,8 +31,10 @@ class ThreadPool {
   // The current job. A chunk is claimed by advancing `cursor_`, whose high half names the job,
   // so a worker that wakes late can never claim a chunk of a job that already finished; the
   // caller waits only for chunks actually claimed, never for a descheduled worker to check in.
-  const std::function<void(int64_t, int64_t)>* body_ = nullptr;
-  int64_t n_ = 0, chunk_ = 1, chunks_ = 0;
+  // Written by the caller between jobs, read by workers after they claim a chunk; atomic (relaxed)
+  // because a late worker may read them while the caller sets up the next job, then fail its claim.
+  std::atomic<const std::function<void(int64_t, int64_t)>*> body_{nullptr};
+  std::atomic<int64_t> n_{0}, chunk_{1}, chunks_{0};
   uint64_t job_ = 0;                     // written by the calling thread only
   std::atomic<uint64_t> cursor_{0xffffffffu};  // (job << 32) | next chunk; closed between jobs
   std::atomic<int64_t> done_{0};         // chunks of the current job finished
