@@ -111,8 +111,9 @@ static int64_t choose_max_seq_len(const ModelConfig& c, int64_t requested) {
   // Positions are int32 in the op set.
   if (requested < 0 || requested > INT32_MAX) throw Error("max_seq_len must be between 1 and 2^31 - 1");
   if (requested > 0) return requested;
-  // Default: the config's limit, capped so a full KV cache takes at most half the free memory.
-  const int64_t bytes_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * int64_t(sizeof(float));
+  // Default: the config's limit, capped so a full KV cache and the RoPE cos/sin tables take at
+  // most half the free memory.
+  const int64_t bytes_per_token = (c.num_layers * 2 * c.num_kv_heads + 1) * c.head_dim * int64_t(sizeof(float));
   const int64_t memory = available_memory();
   int64_t limit = c.max_position_embeddings;
   if (memory > 0) limit = std::min(limit, memory / 2 / bytes_per_token);
