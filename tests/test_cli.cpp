@@ -136,36 +136,25 @@ TEST(Cli, ChatAnswersEachTurnAndResets) {
 
 TEST(Cli, ErrorsSayWhatToDo) {
   Result unknown_flag = afm("generate --prompt hi --bogus", true);
-  EXPECT_NE(unknown_flag.status, 0);
+  EXPECT_NE(unknown_flag.status, 0);  // CLI11's own exit code for parse errors
   EXPECT_THAT(unknown_flag.out, HasSubstr("--bogus"));
 
-  Result missing_model = afm("generate --model /nonexistent/model --prompt hi", true);
-  EXPECT_EQ(missing_model.status, 1);
-  EXPECT_THAT(missing_model.out, HasSubstr("/nonexistent/model"));
-
-  Result too_long = afm("generate --max-seq-len 8 --prompt 'one two three four five six seven eight nine ten'", true);
-  EXPECT_EQ(too_long.status, 1);
-  EXPECT_THAT(too_long.out, HasSubstr("shorten the prompt or raise --max-seq-len"));
-
-  Result no_prompt = afm("generate", true);
-  EXPECT_EQ(no_prompt.status, 1);
-  EXPECT_THAT(no_prompt.out, HasSubstr("--prompt"));
-
-  Result bad_weights = afm("generate --prompt hi --weights fp7", true);
-  EXPECT_EQ(bad_weights.status, 1);
-  EXPECT_THAT(bad_weights.out, HasSubstr("unknown weight format \"fp7\""));
-
-  Result empty_stop = afm("generate --prompt hi --stop ''", true);
-  EXPECT_EQ(empty_stop.status, 1);
-  EXPECT_THAT(empty_stop.out, HasSubstr("--stop needs a non-empty string"));
-
-  Result huge_context = afm("generate --prompt hi --max-seq-len 3000000000", true);
-  EXPECT_EQ(huge_context.status, 1);
-  EXPECT_THAT(huge_context.out, HasSubstr("max_seq_len must be between"));
-
-  Result bad_ids = afm("detokenize '[1, 99999]'", true);
-  EXPECT_EQ(bad_ids.status, 1);
-  EXPECT_THAT(bad_ids.out, HasSubstr("99999"));
+  // Bad input that the library rejects: exit status 1 and a message naming the remedy.
+  const std::pair<std::string, std::string> cases[] = {
+      {"generate --model /nonexistent/model --prompt hi", "/nonexistent/model"},
+      {"generate --max-seq-len 8 --prompt 'one two three four five six seven eight nine ten'",
+       "shorten the prompt or raise --max-seq-len"},
+      {"generate", "--prompt"},
+      {"generate --prompt hi --weights fp7", "unknown weight format \"fp7\""},
+      {"generate --prompt hi --stop ''", "--stop needs a non-empty string"},
+      {"generate --prompt hi --max-seq-len 3000000000", "max_seq_len must be between"},
+      {"detokenize '[1, 99999]'", "99999"},
+  };
+  for (const auto& [args, message] : cases) {
+    Result run = afm(args, true);
+    EXPECT_EQ(run.status, 1) << args;
+    EXPECT_THAT(run.out, HasSubstr(message)) << args;
+  }
 }
 
 }  // namespace
