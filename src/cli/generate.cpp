@@ -31,10 +31,8 @@ struct SamplingFlags {
     cmd.add_option("--stop", stop, "stop before this string (repeatable)");
   }
 
-  // generation_config.json's defaults, then the flags.
-  GenerateOptions resolve(const ModelFlags& model, const ModelConfig& config, int64_t prompt_tokens) const {
-    GenerationConfig gen = load_generation_config(model.file("generation_config.json"),
-                                                  ModelTokenIds{config.eos_token_ids, config.bos_token_id});
+  // The model's generation_config.json (HF's defaults where it is missing), then the flags.
+  GenerateOptions resolve(GenerationConfig gen, int64_t prompt_tokens) const {
     SamplingParams& s = gen.sampling;
     if (*temperature_opt) s.temperature = temperature;
     if (*top_k_opt) s.top_k = top_k;
@@ -58,6 +56,11 @@ struct SamplingFlags {
     return options;
   }
 };
+
+GenerationConfig generation_config(const ModelFlags& flags, const Model& model) {
+  const ModelConfig& c = model.config();
+  return load_generation_config(flags.file("generation_config.json"), ModelTokenIds{c.eos_token_ids, c.bos_token_id});
+}
 
 void print_report(const GenerateStats& stats) {
   std::fprintf(stderr,
@@ -83,7 +86,7 @@ void run_generate(const GenerateFlags& flags) {
   Tokenizer tokenizer = Tokenizer::load(flags.model.file("tokenizer.json"));
   auto model = flags.model.build();
   const std::vector<int32_t> prompt = tokenizer.encode(text, /*add_special_tokens=*/true);
-  GenerateOptions options = flags.sampling.resolve(flags.model, model->config(), int64_t(prompt.size()));
+  GenerateOptions options = flags.sampling.resolve(generation_config(flags.model, *model), int64_t(prompt.size()));
   Session session(*model);
   stream_to_stdout(text);
   GenerateStats stats = generate(*model, tokenizer, session, prompt, options, stream_to_stdout);
@@ -101,6 +104,7 @@ void run_chat(const ChatFlags& flags) {
   Tokenizer tokenizer = Tokenizer::load(flags.model.file("tokenizer.json"));
   ChatTemplate chat_template = ChatTemplate::from_tokenizer_config(flags.model.file("tokenizer_config.json"));
   auto model = flags.model.build();
+  const GenerationConfig defaults = generation_config(flags.model, *model);
   Session session(*model);
   std::vector<ChatMessage> history;
   if (!flags.system.empty()) history.push_back({"system", flags.system});
@@ -122,7 +126,7 @@ void run_chat(const ChatFlags& flags) {
     history.push_back({"user", line});
     // apply_chat_template output already holds its special tokens, so nothing is added on encode.
     const std::vector<int32_t> prompt = tokenizer.encode(chat_template.render(history, true), false);
-    GenerateOptions options = flags.sampling.resolve(flags.model, model->config(), int64_t(prompt.size()));
+    GenerateOptions options = flags.sampling.resolve(generation_config(flags.model, *model), int64_t(prompt.size()));
     // A turn also ends at the template's end-of-turn token.
     for (const char* end_of_turn : {"<|im_end|>", "<|eot_id|>"})
       if (auto id = tokenizer.token_id(end_of_turn)) options.eos_token_ids.push_back(*id);
