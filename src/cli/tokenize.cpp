@@ -9,27 +9,42 @@ namespace afm::cli {
 
 namespace {
 
+// Input given inline as a positional argument, or read from --file.
+struct Input {
+  std::string file, value;
+  CLI::Option* positional = nullptr;
+
+  void add_to(CLI::App& cmd, const std::string& name, const std::string& description) {
+    auto* from_file = cmd.add_option("--file,-f", file, "read the " + name + " from a file");
+    positional = cmd.add_option(name, value, description)->excludes(from_file);
+  }
+  std::string read(const std::string& missing) const {
+    if (positional->count() == 0 && file.empty()) throw Error(missing);
+    return file.empty() ? value : read_file(file);
+  }
+};
+
 struct TokenizeFlags {
   TokenizerFlags tokenizer;
   bool no_special = false;
-  std::string file, text;
+  Input text;
 };
 
 struct DetokenizeFlags {
   TokenizerFlags tokenizer;
   bool skip_special = false;
-  std::string file, ids;
+  Input ids;
 };
 
 void tokenize(const TokenizeFlags& flags) {
   Tokenizer tokenizer = flags.tokenizer.load();
-  const std::string text = flags.file.empty() ? flags.text : read_file(flags.file);
+  const std::string text = flags.text.read("give the text, or --file FILE");
   std::printf("%s\n", nlohmann::json(tokenizer.encode(text, !flags.no_special)).dump().c_str());
 }
 
 void detokenize(const DetokenizeFlags& flags) {
   Tokenizer tokenizer = flags.tokenizer.load();
-  const std::string source = flags.file.empty() ? flags.ids : read_file(flags.file);
+  const std::string source = flags.ids.read("give the ids as a JSON array, or --file FILE");
   std::vector<int32_t> ids;
   try {
     ids = nlohmann::json::parse(source).get<std::vector<int32_t>>();
@@ -52,23 +67,15 @@ void add_tokenize_commands(CLI::App& app) {
   CLI::App* t = app.add_subcommand("tokenize", "print the token ids of a text as a JSON array");
   tok->tokenizer.add_to(*t);
   t->add_flag("--no-special", tok->no_special, "do not add BOS or other special tokens");
-  auto* file = t->add_option("--file,-f", tok->file, "read the text from a file");
-  auto* text = t->add_option("text", tok->text, "the text")->excludes(file);
-  t->callback([tok, text] {
-    if (text->count() == 0 && tok->file.empty()) throw Error("give the text, or --file FILE");
-    tokenize(*tok);
-  });
+  tok->text.add_to(*t, "text", "the text");
+  t->callback([tok] { tokenize(*tok); });
 
   auto detok = std::make_shared<DetokenizeFlags>();
   CLI::App* d = app.add_subcommand("detokenize", "print the text of a JSON array of token ids");
   detok->tokenizer.add_to(*d);
   d->add_flag("--skip-special", detok->skip_special, "leave special tokens out of the text");
-  auto* dfile = d->add_option("--file,-f", detok->file, "read the ids from a file");
-  auto* ids = d->add_option("ids", detok->ids, "the ids, e.g. [4096,791]")->excludes(dfile);
-  d->callback([detok, ids] {
-    if (ids->count() == 0 && detok->file.empty()) throw Error("give the ids as a JSON array, or --file FILE");
-    detokenize(*detok);
-  });
+  detok->ids.add_to(*d, "ids", "the ids, e.g. [4096,791]");
+  d->callback([detok] { detokenize(*detok); });
 }
 
 }  // namespace afm::cli
