@@ -23,7 +23,7 @@ std::string format_name(WeightFormat format) {
 }
 
 WeightFormat parse_weight_format(const std::string& name) {
-  for (WeightFormat f : {WeightFormat::F32, WeightFormat::BF16, WeightFormat::BFP8, WeightFormat::BFP4})
+  for (WeightFormat f : kSelectableFormats)
     if (name == format_name(f)) return f;
   throw Error("unknown weight format \"" + name + "\" (choose f32, bf16, bfp8 or bfp4)");
 }

@@ -12,6 +12,10 @@ namespace afm {
 
 enum class WeightFormat { F32, F16, BF16, BFP8, BFP4 };
 
+// The formats a user can choose with --weights (f16 is only ever a checkpoint's own dtype).
+inline constexpr WeightFormat kSelectableFormats[] = {WeightFormat::F32, WeightFormat::BF16, WeightFormat::BFP8,
+                                                      WeightFormat::BFP4};
+
 std::string format_name(WeightFormat format);
 WeightFormat parse_weight_format(const std::string& name);  // "f32", "bf16", "bfp8", "bfp4"; throws afm::Error
 

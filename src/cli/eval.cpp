@@ -22,8 +22,11 @@ struct EvalFlags {
 
 // --weights takes one format, a comma-separated list, or "all".
 std::vector<std::string> weight_formats(const std::string& flag) {
-  if (flag == "all") return {"f32", "bf16", "bfp8", "bfp4"};
   std::vector<std::string> formats;
+  if (flag == "all") {
+    for (WeightFormat f : kSelectableFormats) formats.push_back(format_name(f));
+    return formats;
+  }
   std::stringstream list(flag);
   for (std::string format; std::getline(list, format, ',');) formats.push_back(format);
   return formats;
