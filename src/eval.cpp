@@ -21,6 +21,16 @@ static std::vector<int32_t> to_ids(const TensorView& view) {
   return ids;
 }
 
+// A [rows, width] float tensor of a reference: rows must match its tokens, and `width` (0 until
+// the first such tensor sets it) must agree across all tensors of the kind.
+static std::vector<float> matrix(const std::string& path, const TensorView& view, size_t rows, int64_t& width) {
+  if (view.shape.size() != 2 || view.shape[0] != int64_t(rows))
+    throw Error(path + ": " + view.describe() + " does not match the prompt's token count");
+  if (width && view.shape[1] != width) throw Error(path + ": " + view.describe() + " disagrees with the width of the others");
+  width = view.shape[1];
+  return view.to_f32();
+}
+
 Reference load_reference(const std::string& path) {
   SafetensorsFile file = SafetensorsFile::open(path);
   Reference ref;
@@ -29,24 +39,11 @@ Reference load_reference(const std::string& path) {
     PromptReference& prompt = ref.prompts.emplace_back();
     prompt.ids = to_ids(file.get(p + "ids"));
     if (file.contains(p + "generated")) prompt.generated = to_ids(file.get(p + "generated"));
-    for (const char* key : {"logits", "decode_logits"}) {
-      if (!file.contains(p + key)) continue;
-      const TensorView& view = file.get(p + key);
-      const int64_t expected_rows = std::string(key) == "logits" ? int64_t(prompt.ids.size()) : int64_t(prompt.generated.size());
-      if (view.shape.size() != 2 || view.shape[0] != expected_rows)
-        throw Error(path + ": " + view.describe() + " does not match the prompt's token count");
-      if (ref.vocab_size && view.shape[1] != ref.vocab_size) throw Error(path + ": logits disagree on the vocabulary size");
-      ref.vocab_size = view.shape[1];
-      (std::string(key) == "logits" ? prompt.logits : prompt.decode_logits) = view.to_f32();
-    }
-    for (int64_t layer = 0; file.contains(p + "hidden." + std::to_string(layer)); layer++) {
-      const TensorView& view = file.get(p + "hidden." + std::to_string(layer));
-      if (view.shape.size() != 2 || view.shape[0] != int64_t(prompt.ids.size()))
-        throw Error(path + ": " + view.describe() + " does not match the prompt's token count");
-      if (ref.hidden_size && view.shape[1] != ref.hidden_size) throw Error(path + ": hidden states disagree on their width");
-      ref.hidden_size = view.shape[1];
-      prompt.hidden[layer] = view.to_f32();
-    }
+    if (file.contains(p + "logits")) prompt.logits = matrix(path, file.get(p + "logits"), prompt.ids.size(), ref.vocab_size);
+    if (file.contains(p + "decode_logits"))
+      prompt.decode_logits = matrix(path, file.get(p + "decode_logits"), prompt.generated.size(), ref.vocab_size);
+    for (int64_t layer = 0; file.contains(p + "hidden." + std::to_string(layer)); layer++)
+      prompt.hidden[layer] = matrix(path, file.get(p + "hidden." + std::to_string(layer)), prompt.ids.size(), ref.hidden_size);
   }
   if (ref.prompts.empty()) throw Error(path + ": no prompt.0.ids tensor; not an afm/HF reference file");
   return ref;
