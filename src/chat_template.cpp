@@ -2002,6 +2002,14 @@ ChatTemplate ChatTemplate::parse(const std::string& source) {
   return t;
 }
 
+ChatTemplate ChatTemplate::parse(const std::string& source, std::optional<std::string> bos_token,
+                                 std::optional<std::string> eos_token) {
+  ChatTemplate t = parse(source);
+  t.bos_token_ = std::move(bos_token);
+  t.eos_token_ = std::move(eos_token);
+  return t;
+}
+
 ChatTemplate ChatTemplate::from_tokenizer_config(const std::string& path) {
   std::ifstream file(path);
   if (!file) throw Error("cannot open tokenizer config " + path);

@@ -21,6 +21,9 @@ class ChatTemplate {
  public:
   // Throws afm::Error on syntax errors and on constructs the interpreter does not support.
   static ChatTemplate parse(const std::string& source);
+  // A template with the special tokens it sees as bos_token and eos_token (absent: undefined).
+  static ChatTemplate parse(const std::string& source, std::optional<std::string> bos_token,
+                            std::optional<std::string> eos_token);
   // Reads chat_template (or a sibling chat_template.jinja), bos_token and eos_token.
   static ChatTemplate from_tokenizer_config(const std::string& tokenizer_config_json_path);
 

@@ -20,26 +20,6 @@ namespace afm {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-const char* dtype_name(DType dtype) {
-  switch (dtype) {
-    case DType::F32: return "F32";
-    case DType::F16: return "F16";
-    case DType::BF16: return "BF16";
-    case DType::I64: return "I64";
-    case DType::I32: return "I32";
-  }
-  return "?";
-}
-
-int64_t dtype_size(DType dtype) {
-  switch (dtype) {
-    case DType::F32: case DType::I32: return 4;
-    case DType::F16: case DType::BF16: return 2;
-    case DType::I64: return 8;
-  }
-  return 0;
-}
-
 static DType parse_dtype(const std::string& name, const std::string& where) {
   if (name == "F32") return DType::F32;
   if (name == "F16") return DType::F16;
@@ -61,21 +41,8 @@ std::string TensorView::describe() const {
   return s + "] " + dtype_name(dtype);
 }
 
-void floats_to_f32(DType dtype, const uint8_t* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; i++) {
-    uint16_t h;
-    switch (dtype) {
-      case DType::F32: std::memcpy(&dst[i], src + 4 * i, 4); break;
-      case DType::BF16: std::memcpy(&h, src + 2 * i, 2); dst[i] = bf16_to_f32(h); break;
-      case DType::F16: std::memcpy(&h, src + 2 * i, 2); dst[i] = f16_to_f32(h); break;
-      default: throw Error(std::string("expected a floating-point dtype, got ") + dtype_name(dtype));
-    }
-  }
-}
-
 std::vector<float> TensorView::to_f32() const {
-  if (dtype != DType::F32 && dtype != DType::BF16 && dtype != DType::F16)
-    throw Error(describe() + ": expected a floating-point tensor");
+  if (!is_floating(dtype)) throw Error(describe() + ": expected a floating-point tensor");
   std::vector<float> out(numel());
   floats_to_f32(dtype, data, numel(), out.data());
   return out;
@@ -158,7 +125,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
         throw Error(where + " ends at byte " + std::to_string(offsets[1]) + " but the file has only " +
                     std::to_string(data_size) + " data bytes: truncated file");
       // The element count times the dtype size must equal the byte range, without overflowing.
-      int64_t expected_bytes = dtype_size(view.dtype);
+      int64_t expected_bytes = dtype_block(view.dtype).bytes;
       for (int64_t d : view.shape)
         if (d < 0 || __builtin_mul_overflow(expected_bytes, d, &expected_bytes))
           throw Error(where + ": impossible shape " + view.describe());

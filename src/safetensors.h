@@ -7,14 +7,9 @@
 #include <string>
 #include <vector>
 
+#include "dtype.h"
+
 namespace afm {
-
-enum class DType { F32, F16, BF16, I64, I32 };
-
-const char* dtype_name(DType dtype);
-int64_t dtype_size(DType dtype);
-// Widen n floating-point values of `dtype` to f32 (exact for F16 and BF16).
-void floats_to_f32(DType dtype, const uint8_t* src, int64_t n, float* dst);
 
 // A read-only view of one tensor inside a mapped file.
 struct TensorView {

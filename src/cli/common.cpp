@@ -13,7 +13,7 @@
 namespace afm::cli {
 
 void ModelFlags::add_to(CLI::App& cmd) {
-  cmd.add_option("--model,-m", dir, "HF checkpoint folder (default: the embedded afm-tiny-austen)");
+  cmd.add_option("--model,-m", dir, "HF checkpoint folder or GGUF file (default: the embedded afm-tiny-austen)");
   cmd.add_option("--device", device, "cpu or cuda")->capture_default_str();
   cmd.add_option("--weights", weights, "weight format: f32, bf16, bfp8 or bfp4 (eval: also a list, or all)")->capture_default_str();
   cmd.add_option("--max-seq-len", max_seq_len, "context limit (default: the config's, capped by memory)");
@@ -41,16 +41,13 @@ std::unique_ptr<Model> ModelFlags::build() const {
   return model;
 }
 
-std::string ModelFlags::file(const std::string& name) const { return (std::filesystem::path(dir) / name).string(); }
-
 void TokenizerFlags::add_to(CLI::App& cmd) {
-  auto* model = cmd.add_option("--model,-m", model_dir, "model folder holding tokenizer.json (default: the embedded model)");
+  auto* model = cmd.add_option("--model,-m", model_dir, "HF model folder or GGUF file (default: the embedded model)");
   cmd.add_option("--tokenizer", tokenizer_file, "a tokenizer.json file")->excludes(model);
 }
 
 Tokenizer TokenizerFlags::load() const {
-  return Tokenizer::load(tokenizer_file.empty() ? (std::filesystem::path(model_dir) / "tokenizer.json").string()
-                                                : tokenizer_file);
+  return tokenizer_file.empty() ? load_model_tokenizer(model_dir) : Tokenizer::load(tokenizer_file);
 }
 
 std::function<void(int64_t, int64_t)> progress_bar(const std::string& label, const std::string& unit) {

@@ -7,6 +7,7 @@
 
 #include "chat_template.h"
 #include "model.h"
+#include "model_files.h"
 #include "sampler.h"
 #include "tokenizer.h"
 
@@ -23,7 +24,6 @@ struct ModelFlags {
   void add_to(CLI::App& cmd);
   ModelOptions options() const;
   std::unique_ptr<Model> build() const;  // with a progress line on stderr
-  std::string file(const std::string& name) const;  // a file inside the model folder
 };
 
 // Where `tokenize` and `detokenize` find their tokenizer: a tokenizer.json, or a model folder.

@@ -40,7 +40,7 @@ Reference load(const EvalFlags& flags) {
   }
   if (flags.prompt_file.empty() || flags.reference_tokens.empty())
     throw Error("give --reference FILE, or --prompt-file F with --reference-tokens R");
-  Tokenizer tokenizer = Tokenizer::load(flags.model.file("tokenizer.json"));
+  Tokenizer tokenizer = load_model_tokenizer(flags.model.dir);
   const std::vector<int32_t> prompt = tokenizer.encode(read_file(flags.prompt_file), /*add_special_tokens=*/true);
   return prompt_reference(prompt, flags.reference_tokens, flags.max_new_tokens);
 }

@@ -59,7 +59,7 @@ struct SamplingFlags {
 
 GenerationConfig generation_config(const ModelFlags& flags, const Model& model) {
   const ModelConfig& c = model.config();
-  return load_generation_config(flags.file("generation_config.json"), ModelTokenIds{c.eos_token_ids, c.bos_token_id});
+  return load_model_generation_config(flags.dir, ModelTokenIds{c.eos_token_ids, c.bos_token_id});
 }
 
 void print_report(const GenerateStats& stats) {
@@ -83,7 +83,7 @@ struct GenerateFlags {
 
 void run_generate(const GenerateFlags& flags) {
   const std::string text = flags.prompt_file.empty() ? flags.prompt : read_file(flags.prompt_file);
-  Tokenizer tokenizer = Tokenizer::load(flags.model.file("tokenizer.json"));
+  Tokenizer tokenizer = load_model_tokenizer(flags.model.dir);
   auto model = flags.model.build();
   const std::vector<int32_t> prompt = tokenizer.encode(text, /*add_special_tokens=*/true);
   GenerateOptions options = flags.sampling.resolve(generation_config(flags.model, *model), int64_t(prompt.size()));
@@ -101,8 +101,8 @@ struct ChatFlags {
 };
 
 void run_chat(const ChatFlags& flags) {
-  Tokenizer tokenizer = Tokenizer::load(flags.model.file("tokenizer.json"));
-  ChatTemplate chat_template = ChatTemplate::from_tokenizer_config(flags.model.file("tokenizer_config.json"));
+  Tokenizer tokenizer = load_model_tokenizer(flags.model.dir);
+  ChatTemplate chat_template = load_model_chat_template(flags.model.dir);
   auto model = flags.model.build();
   const GenerationConfig defaults = generation_config(flags.model, *model);
   Session session(*model);

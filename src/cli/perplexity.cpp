@@ -20,7 +20,7 @@ struct PerplexityFlags {
 void run(PerplexityFlags flags) {
   const std::string text = read_file(flags.text_file);
   // tokenizer(text) in HF adds special tokens, so the sequence starts with BOS as it does there.
-  const std::vector<int32_t> tokens = Tokenizer::load(flags.model.file("tokenizer.json")).encode(text, true);
+  const std::vector<int32_t> tokens = load_model_tokenizer(flags.model.dir).encode(text, true);
   // A window never needs more positions than --ctx, so don't size the KV cache for the config's limit.
   if (flags.context && !flags.model.max_seq_len) flags.model.max_seq_len = flags.context;
   auto model = flags.model.build();

@@ -1,0 +1,30 @@
+#include "model_files.h"
+
+#include <filesystem>
+
+#include "error.h"
+
+namespace afm {
+
+namespace fs = std::filesystem;
+
+bool is_gguf_path(const std::string& path) { return path.ends_with(".gguf") && !fs::is_directory(path); }
+
+static std::string in_folder(const std::string& dir, const char* name) {
+  if (!fs::is_directory(dir)) throw Error("model not found: " + dir + " (expected an HF model folder or a .gguf file)");
+  return (fs::path(dir) / name).string();
+}
+
+Tokenizer load_model_tokenizer(const std::string& model_path) {
+  return Tokenizer::load(in_folder(model_path, "tokenizer.json"));
+}
+
+ChatTemplate load_model_chat_template(const std::string& model_path) {
+  return ChatTemplate::from_tokenizer_config(in_folder(model_path, "tokenizer_config.json"));
+}
+
+GenerationConfig load_model_generation_config(const std::string& model_path, const ModelTokenIds& model_ids) {
+  return load_generation_config(in_folder(model_path, "generation_config.json"), model_ids);
+}
+
+}  // namespace afm

@@ -1,0 +1,20 @@
+// A model as users have it on disk: an HF checkpoint folder (config.json, safetensors,
+// tokenizer.json, tokenizer_config.json, generation_config.json) or one GGUF file that holds all of
+// it. These read the parts other than the weights; build_model() reads the weights.
+#pragma once
+#include <string>
+
+#include "chat_template.h"
+#include "sampler.h"
+#include "tokenizer.h"
+
+namespace afm {
+
+bool is_gguf_path(const std::string& path);  // a file (not a folder) whose name ends in .gguf
+
+Tokenizer load_model_tokenizer(const std::string& model_path);
+ChatTemplate load_model_chat_template(const std::string& model_path);
+// generation_config.json's sampling defaults (HF's defaults where there is none, as for GGUF).
+GenerationConfig load_model_generation_config(const std::string& model_path, const ModelTokenIds& model_ids);
+
+}  // namespace afm
