@@ -20,6 +20,8 @@ struct RopeConfig {
   bool truncate = true;
   // llama3
   double low_freq_factor = 1.0, high_freq_factor = 4.0;
+  // Per-pair divisors of inv_freq, as GGUF files carry Llama 3's scaling (tensor rope_freqs).
+  std::vector<float> freq_factors;
 };
 
 struct ModelConfig {

@@ -31,6 +31,16 @@ static std::vector<float> matrix(const std::string& path, const TensorView& view
   return view.to_f32();
 }
 
+// Row indices below `limit`, strictly increasing (absent: empty, meaning every row).
+static std::vector<int64_t> row_indices(const SafetensorsFile& file, const std::string& name, size_t limit) {
+  if (!file.contains(name)) return {};
+  std::vector<int64_t> rows = file.get(name).to_i64();
+  for (size_t i = 0; i < rows.size(); i++)
+    if (rows[i] < 0 || rows[i] >= int64_t(limit) || (i && rows[i] <= rows[i - 1]))
+      throw Error(file.path() + ": " + name + " must be increasing row numbers below " + std::to_string(limit));
+  return rows;
+}
+
 Reference load_reference(const std::string& path) {
   SafetensorsFile file = SafetensorsFile::open(path);
   Reference ref;
@@ -39,11 +49,15 @@ Reference load_reference(const std::string& path) {
     PromptReference& prompt = ref.prompts.emplace_back();
     prompt.ids = to_ids(file.get(p + "ids"));
     if (file.contains(p + "generated")) prompt.generated = to_ids(file.get(p + "generated"));
-    if (file.contains(p + "logits")) prompt.logits = matrix(path, file.get(p + "logits"), prompt.ids.size(), ref.vocab_size);
+    prompt.logit_rows = row_indices(file, p + "logit_rows", prompt.ids.size());
+    prompt.decode_rows = row_indices(file, p + "decode_rows", prompt.generated.size());
+    const size_t prompt_rows = prompt.logit_rows.empty() ? prompt.ids.size() : prompt.logit_rows.size();
+    const size_t decode_rows = prompt.decode_rows.empty() ? prompt.generated.size() : prompt.decode_rows.size();
+    if (file.contains(p + "logits")) prompt.logits = matrix(path, file.get(p + "logits"), prompt_rows, ref.vocab_size);
     if (file.contains(p + "decode_logits"))
-      prompt.decode_logits = matrix(path, file.get(p + "decode_logits"), prompt.generated.size(), ref.vocab_size);
+      prompt.decode_logits = matrix(path, file.get(p + "decode_logits"), decode_rows, ref.vocab_size);
     for (int64_t layer = 0; file.contains(p + "hidden." + std::to_string(layer)); layer++)
-      prompt.hidden[layer] = matrix(path, file.get(p + "hidden." + std::to_string(layer)), prompt.ids.size(), ref.hidden_size);
+      prompt.hidden[layer] = matrix(path, file.get(p + "hidden." + std::to_string(layer)), prompt_rows, ref.hidden_size);
   }
   if (ref.prompts.empty()) throw Error(path + ": no prompt.0.ids tensor; not an afm/HF reference file");
   return ref;
@@ -82,7 +96,12 @@ void truncate_steps(Reference& reference, int64_t max_new_tokens, const std::str
       throw Error(source + " holds " + std::to_string(available) + " reference tokens, fewer than --max-new-tokens " +
                   std::to_string(max_new_tokens));
     prompt.generated.resize(max_new_tokens);
-    if (!prompt.decode_logits.empty()) prompt.decode_logits.resize(max_new_tokens * reference.vocab_size);
+    int64_t kept_rows = max_new_tokens;
+    if (!prompt.decode_rows.empty()) {
+      std::erase_if(prompt.decode_rows, [&](int64_t step) { return step >= max_new_tokens; });
+      kept_rows = int64_t(prompt.decode_rows.size());
+    }
+    if (!prompt.decode_logits.empty()) prompt.decode_logits.resize(kept_rows * reference.vocab_size);
   }
 }
 
@@ -137,6 +156,17 @@ static void check_fits(const Model& model, const Reference& reference) {
   }
 }
 
+// max_row_relative_error of `ours` ([T, cols]) against a reference that holds only `rows` of it
+// (every row when `rows` is empty).
+static double rows_relative_error(const float* ours, int64_t T, int64_t cols, const std::vector<float>& ref,
+                                  const std::vector<int64_t>& rows) {
+  if (rows.empty()) return max_row_relative_error(ours, ref.data(), T, cols);
+  double worst = 0;
+  for (size_t i = 0; i < rows.size(); i++)
+    worst = std::max(worst, max_row_relative_error(ours + rows[i] * cols, &ref[i * cols], 1, cols));
+  return worst;
+}
+
 static PromptResult eval_prompt(Model& model, const PromptReference& ref, bool compare_layers) {
   const int64_t vocab = model.config().vocab_size, hidden = model.config().hidden_size;
   const int64_t T = int64_t(ref.ids.size());
@@ -150,24 +180,30 @@ static PromptResult eval_prompt(Model& model, const PromptReference& ref, bool c
   if (compare_layers) {
     tap = [&](int64_t layer, const Tensor& h) {
       auto it = ref.hidden.find(layer);
-      if (it != ref.hidden.end()) result.layer_max_rel_err.push_back(max_row_relative_error(h.data, it->second.data(), T, hidden));
+      if (it != ref.hidden.end())
+        result.layer_max_rel_err.push_back(rows_relative_error(h.data, T, hidden, it->second, ref.logit_rows));
     };
   }
   Tensor logits = model.forward(ref.ids, positions, *cache, Logits::All, tap);
-  if (!ref.logits.empty()) result.prefill_max_rel_err = max_row_relative_error(logits.data, ref.logits.data(), T, vocab);
+  if (!ref.logits.empty()) result.prefill_max_rel_err = rows_relative_error(logits.data, T, vocab, ref.logits, ref.logit_rows);
 
   // Step i scores reference token i given the prompt and reference tokens 0..i-1.
   std::vector<float> step_logits(logits.row(T - 1), logits.row(T - 1) + vocab);
   int64_t top1 = 0, top5 = 0;
   double decode_err = 0;
+  size_t decode_row = 0;  // the next of ref.decode_rows
   for (size_t i = 0; i < ref.generated.size(); i++) {
     if (i > 0) {
       const int32_t token = ref.generated[i - 1], position = int32_t(T + i - 1);
       Tensor next = model.forward({&token, 1}, {&position, 1}, *cache);
       step_logits.assign(next.data, next.data + vocab);
     }
-    if (!ref.decode_logits.empty())
-      decode_err = std::max(decode_err, max_row_relative_error(step_logits.data(), &ref.decode_logits[i * vocab], 1, vocab));
+    const bool has_row = ref.decode_rows.empty() || (decode_row < ref.decode_rows.size() && ref.decode_rows[decode_row] == int64_t(i));
+    if (!ref.decode_logits.empty() && has_row) {
+      const size_t row = ref.decode_rows.empty() ? i : decode_row;
+      decode_err = std::max(decode_err, max_row_relative_error(step_logits.data(), &ref.decode_logits[row * vocab], 1, vocab));
+    }
+    if (has_row && !ref.decode_rows.empty()) decode_row++;
     const int64_t rank = rank_of(step_logits.data(), vocab, ref.generated[i]);
     top1 += rank == 0;
     top5 += rank < 5;

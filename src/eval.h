@@ -1,5 +1,6 @@
 // Teacher-forcing evaluation against reference outputs made by HF transformers (the fixture
-// format: prompt.N.ids / .generated / .logits / .decode_logits / prompt.0.hidden.L).
+// format: prompt.N.ids / .generated / .logits / .decode_logits / .hidden.L, with optional
+// .logit_rows / .decode_rows when only some rows are kept; docs/REFERENCE.md).
 #pragma once
 #include <cstdint>
 #include <map>
@@ -13,9 +14,12 @@ namespace afm {
 struct PromptReference {
   std::vector<int32_t> ids;          // the prompt, BOS included
   std::vector<int32_t> generated;    // HF's greedy continuation
-  std::vector<float> logits;         // [ids, vocab] or empty
-  std::vector<float> decode_logits;  // [generated, vocab] or empty
-  std::map<int64_t, std::vector<float>> hidden;  // layer -> [ids, hidden]
+  std::vector<float> logits;         // [logit_rows or ids, vocab], or empty
+  std::vector<float> decode_logits;  // [decode_rows or generated, vocab], or empty
+  std::map<int64_t, std::vector<float>> hidden;  // layer -> [logit_rows or ids, hidden]
+  // A compact reference keeps whole rows only at some prompt positions and decode steps (in
+  // increasing order); empty means every one.
+  std::vector<int64_t> logit_rows, decode_rows;
 };
 
 struct Reference {

@@ -7,6 +7,8 @@
 
 #include "error.h"
 #include "numeric.h"
+#include "gguf_model.h"
+#include "model_files.h"
 #include "models/decoder.h"
 
 namespace afm {
@@ -136,9 +138,15 @@ std::unique_ptr<Model> build_model(const ModelConfig& config, Checkpoint checkpo
   return family.build(context);
 }
 
-std::unique_ptr<Model> build_model(const std::string& dir, const ModelOptions& options) {
+std::unique_ptr<Model> build_model(const std::string& path, const ModelOptions& options) {
+  if (is_gguf_path(path)) {
+    const GGUFFile file = GGUFFile::open(path);
+    const ModelConfig config = gguf_model_config(file);
+    return build_model(config, gguf_checkpoint(file, config), options);
+  }
   namespace fs = std::filesystem;
-  if (!fs::is_directory(dir)) throw Error("model folder not found: " + dir);
+  const std::string& dir = path;
+  if (!fs::is_directory(dir)) throw Error("model not found: " + dir + " (expected an HF model folder or a .gguf file)");
   const std::string config_path = (fs::path(dir) / "config.json").string();
   const ModelConfig config = load_config(config_path);
   find_family(config, config_path);  // before mapping any weights

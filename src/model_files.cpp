@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "error.h"
+#include "gguf_model.h"
 
 namespace afm {
 
@@ -16,14 +17,25 @@ static std::string in_folder(const std::string& dir, const char* name) {
 }
 
 Tokenizer load_model_tokenizer(const std::string& model_path) {
+  if (is_gguf_path(model_path)) return Tokenizer::from_json(gguf_tokenizer_json(GGUFFile::open(model_path)), model_path);
   return Tokenizer::load(in_folder(model_path, "tokenizer.json"));
 }
 
 ChatTemplate load_model_chat_template(const std::string& model_path) {
+  if (is_gguf_path(model_path)) {
+    GGUFChatTemplate t = gguf_chat_template(GGUFFile::open(model_path));
+    try {
+      return ChatTemplate::parse(t.source, std::move(t.bos_token), std::move(t.eos_token));
+    } catch (const Error& e) {
+      throw Error(model_path + ": tokenizer.chat_template: " + e.what());
+    }
+  }
   return ChatTemplate::from_tokenizer_config(in_folder(model_path, "tokenizer_config.json"));
 }
 
 GenerationConfig load_model_generation_config(const std::string& model_path, const ModelTokenIds& model_ids) {
+  // A GGUF carries no generation_config.json: HF's defaults with the model's special ids.
+  if (is_gguf_path(model_path)) return load_generation_config("", model_ids);
   return load_generation_config(in_folder(model_path, "generation_config.json"), model_ids);
 }
 

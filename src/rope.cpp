@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "error.h"
 
@@ -90,6 +91,12 @@ RopeFrequencies rope_frequencies(const RopeConfig& rope, int64_t head_dim) {
   RopeFrequencies out{default_inv_freq(rope.theta, dim), 1.0f};
   if (rope.type == "linear")
     for (float& f : out.inv_freq) f = float(f / rope.factor);
+  if (!rope.freq_factors.empty()) {
+    if (rope.freq_factors.size() != out.inv_freq.size())
+      throw Error("rope frequency factors: " + std::to_string(rope.freq_factors.size()) + " values for " +
+                  std::to_string(out.inv_freq.size()) + " rotary pairs");
+    for (size_t i = 0; i < out.inv_freq.size(); i++) out.inv_freq[i] /= rope.freq_factors[i];
+  }
   return out;
 }
 

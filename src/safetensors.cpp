@@ -67,11 +67,17 @@ struct Mapping {
   ~Mapping() { if (base) munmap(base, size); }
 };
 
-std::shared_ptr<Mapping> map_file(const std::string& path) {
+}  // namespace
+
+MappedFile map_file(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) throw Error("cannot open " + path + ": " + std::strerror(errno));
   struct stat st {};
   fstat(fd, &st);
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error("cannot read " + path + ": not a regular file");
+  }
   auto mapping = std::make_shared<Mapping>();
   mapping->size = size_t(st.st_size);
   if (mapping->size > 0) {
@@ -83,15 +89,13 @@ std::shared_ptr<Mapping> map_file(const std::string& path) {
     mapping->base = base;
   }
   ::close(fd);
-  return mapping;
+  return {static_cast<const uint8_t*>(mapping->base), uint64_t(mapping->size), mapping};
 }
 
-}  // namespace
-
 SafetensorsFile SafetensorsFile::open(const std::string& path) {
-  auto mapping = map_file(path);
-  const auto* bytes = static_cast<const uint8_t*>(mapping->base);
-  const uint64_t file_size = mapping->size;
+  const MappedFile mapped = map_file(path);
+  const uint8_t* bytes = mapped.data;
+  const uint64_t file_size = mapped.size;
   if (file_size < 8) throw Error(path + ": truncated safetensors file (" + std::to_string(file_size) + " bytes, no header)");
   uint64_t header_size;
   std::memcpy(&header_size, bytes, 8);
@@ -133,7 +137,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
       if (view.nbytes != expected_bytes)
         throw Error(where + ": " + std::to_string(view.nbytes) + " bytes do not hold shape " + view.describe());
       view.data = bytes + data_start + offsets[0];
-      view.owner = mapping;
+      view.owner = mapped.owner;
       file.tensors_.emplace(name, std::move(view));
     } catch (const json::exception& e) {
       throw Error(where + ": malformed entry: " + e.what());
@@ -198,6 +202,13 @@ Checkpoint Checkpoint::random(uint64_t seed) {
   Checkpoint checkpoint;
   checkpoint.dir_ = "(random weights)";
   checkpoint.random_seed_ = seed;
+  return checkpoint;
+}
+
+Checkpoint Checkpoint::from_tensors(std::string source, std::map<std::string, TensorView> tensors) {
+  Checkpoint checkpoint;
+  checkpoint.dir_ = std::move(source);
+  checkpoint.tensors_ = std::move(tensors);
   return checkpoint;
 }
 

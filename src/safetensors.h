@@ -11,6 +11,14 @@
 
 namespace afm {
 
+// A whole file mapped read-only; the mapping lives as long as `owner` has a holder.
+struct MappedFile {
+  const uint8_t* data = nullptr;
+  uint64_t size = 0;
+  std::shared_ptr<const void> owner;
+};
+MappedFile map_file(const std::string& path);  // afm::Error when missing or not a regular file
+
 // A read-only view of one tensor inside a mapped file.
 struct TensorView {
   std::string name;
@@ -48,6 +56,8 @@ class Checkpoint {
   // No files: a model built from it gets bf16 noise of whatever shapes it asks for (ones for
   // vectors), so a model's real shape can be benchmarked without its weights.
   static Checkpoint random(uint64_t seed);
+  // Tensors from another file format, already named and shaped as in an HF checkpoint.
+  static Checkpoint from_tensors(std::string source, std::map<std::string, TensorView> tensors);
   bool is_random() const { return random_seed_.has_value(); }
   std::optional<uint64_t> random_seed() const { return random_seed_; }
 

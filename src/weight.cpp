@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <thread>
 
 #include "blockfloat.h"
@@ -28,12 +29,15 @@ WeightFormat parse_weight_format(const std::string& name) {
   throw Error("unknown weight format \"" + name + "\" (choose f32, bf16, bfp8 or bfp4)");
 }
 
-static WeightFormat file_format(DType dtype, const TensorView& view) {
-  switch (dtype) {
+// The weight format a tensor is used in as stored; none for ggml's block types, which are
+// converted at load.
+static std::optional<WeightFormat> stored_format(const TensorView& view) {
+  switch (view.dtype) {
     case DType::F32: return WeightFormat::F32;
     case DType::F16: return WeightFormat::F16;
     case DType::BF16: return WeightFormat::BF16;
-    default: throw Error(view.describe() + ": weights must be F32, F16 or BF16");
+    case DType::I64: case DType::I32: throw Error(view.describe() + ": weights must be floating-point");
+    default: return std::nullopt;
   }
 }
 
@@ -61,17 +65,20 @@ Weight make_weight(const TensorView& view, WeightFormat target) {
   Weight w;
   w.rows = view.shape.size() == 2 ? view.shape[0] : 1;
   w.cols = view.shape.back();
-  const WeightFormat source = file_format(view.dtype, view);
+  const std::optional<WeightFormat> source = stored_format(view);
   w.bf16_inputs = target != WeightFormat::F32;
 
   // f32 compute needs no conversion: bf16 and f16 widen to f32 exactly inside the kernels.
-  if (target == WeightFormat::F32 || target == source) {
-    w.format = source;
-    w.row_bytes = row_bytes(source, w.cols);
+  if (source && (target == WeightFormat::F32 || target == *source)) {
+    w.format = *source;
+    w.row_bytes = row_bytes(*source, w.cols);
     w.data = view.data;
     w.owner = view.owner;
     return w;
   }
+  // Block-quantized rows are dequantized (exactly as ggml does) and then stored in the target.
+  const BlockLayout block = dtype_block(view.dtype);
+  const int64_t source_row_bytes = w.cols / block.values * block.bytes;
 
   w.format = target;
   w.row_bytes = row_bytes(target, w.cols);
@@ -79,9 +86,11 @@ Weight make_weight(const TensorView& view, WeightFormat target) {
   auto convert_rows = [&](int64_t begin, int64_t end) {
     std::vector<float> row(w.cols);
     for (int64_t r = begin; r < end; r++) {
-      floats_to_f32(view.dtype, view.data + r * row_bytes(source, w.cols), w.cols, row.data());
       uint8_t* dst = buffer.get() + r * w.row_bytes;
-      if (target == WeightFormat::BF16) {
+      floats_to_f32(view.dtype, view.data + r * source_row_bytes, w.cols, row.data());
+      if (target == WeightFormat::F32) {
+        std::memcpy(dst, row.data(), w.row_bytes);
+      } else if (target == WeightFormat::BF16) {
         for (int64_t c = 0; c < w.cols; c++) {
           uint16_t h = f32_to_bf16(row[c]);
           std::memcpy(dst + 2 * c, &h, 2);
