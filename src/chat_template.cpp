@@ -42,9 +42,17 @@ std::string where(const std::string& src, size_t pos) {
   throw Error("chat template: " + what + " at " + where(src, pos));
 }
 
+// Bounds that keep a hostile template from exhausting the stack, the CPU or memory. Real chat
+// templates stay far below them.
+constexpr int kMaxNesting = 256;               // parser: nested expressions, blocks and chains
+constexpr int kMaxCallDepth = 100;             // macro recursion
+constexpr int64_t kMaxSteps = 1'000'000;       // loop iterations and macro calls in one render
+constexpr size_t kMaxSize = size_t{64} << 20;  // bytes of output, of one string, items of one list
+
 // ------------------------------------------------------------------------------------------ values
 
 struct Dict;
+struct Node;
 
 struct Value {
   enum class Kind { Undefined, None, Bool, Int, Float, String, List, Dict, Function };
@@ -58,6 +66,12 @@ struct Value {
   std::shared_ptr<std::vector<Value>> list;
   std::shared_ptr<Dict> dict;
   bool is_namespace = false;
+  // A List that stands for a Python generator (what map, select and friends return): always true,
+  // no length, not JSON, and used up by iterating it.
+  bool is_generator = false;
+  // Function made by {% macro %}: its definition, and how many scopes were open where it was defined.
+  const Node* macro = nullptr;
+  size_t macro_scopes = 0;
 };
 
 struct Dict {
@@ -119,6 +133,11 @@ Value make_list(std::vector<Value> items) {
   Value v;
   v.kind = Kind::List;
   v.list = std::make_shared<std::vector<Value>>(std::move(items));
+  return v;
+}
+Value make_generator(std::vector<Value> items) {
+  Value v = make_list(std::move(items));
+  v.is_generator = true;
   return v;
 }
 Value make_dict() {
@@ -188,7 +207,7 @@ bool truthy(const Value& v) {
     case Kind::Int: return v.integer != 0;
     case Kind::Float: return v.number != 0.0;
     case Kind::String: return !v.str.empty();
-    case Kind::List: return !v.list->empty();
+    case Kind::List: return v.is_generator || !v.list->empty();
     case Kind::Dict: return v.is_namespace || !v.dict->entries.empty();
     case Kind::Function: return true;
   }
@@ -264,6 +283,8 @@ std::string py_str(const Value& v) {
     case Kind::Float: return py_float(v.number);
     case Kind::String: return v.str;
     case Kind::List: {
+      if (v.is_generator)  // Python prints "<generator object ... at 0x...>": no prompt can depend on that
+        throw Error("chat template: unsupported construct: printing a generator (from map, select, ...); use |list");
       std::string out = "[";
       for (size_t i = 0; i < v.list->size(); i++) out += (i ? ", " : "") + py_repr((*v.list)[i]);
       return out + "]";
@@ -323,6 +344,34 @@ std::vector<size_t> char_starts(const std::string& s) {
   return starts;
 }
 
+// Python's str.splitlines(): breaks at \n, \r\n, \r, \v, \f, \x1c-\x1e, U+0085, U+2028 and U+2029.
+std::vector<std::string> split_lines(const std::string& s) {
+  std::vector<std::string> lines;
+  std::string line;
+  for (size_t i = 0; i < s.size(); i++) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t width = 0;  // bytes of the line break at i
+    if (c == '\r') {
+      width = i + 1 < s.size() && s[i + 1] == '\n' ? 2 : 1;
+    } else if (c == '\n' || c == '\v' || c == '\f' || (c >= 0x1c && c <= 0x1e)) {
+      width = 1;
+    } else if (s.compare(i, 2, "\xc2\x85") == 0) {
+      width = 2;
+    } else if (s.compare(i, 3, "\xe2\x80\xa8") == 0 || s.compare(i, 3, "\xe2\x80\xa9") == 0) {
+      width = 3;
+    }
+    if (width == 0) {
+      line += s[i];
+      continue;
+    }
+    lines.push_back(std::move(line));
+    line.clear();
+    i += width - 1;
+  }
+  if (!line.empty()) lines.push_back(std::move(line));
+  return lines;
+}
+
 bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
 
 std::string strip_chars(const std::string& s, const std::string& chars, bool left, bool right) {
@@ -351,14 +400,24 @@ std::vector<int64_t> slice_indices(int64_t n, const Value& start, const Value& s
   return out;
 }
 
-// Python's json.dumps(v, ensure_ascii=False, indent=indent): HF's tojson. indent < 0 means one line.
-void dump_json(const Value& v, int indent, int level, std::string& out, const std::string& src, size_t pos) {
+struct JsonOptions {
+  int indent = -1;  // < 0: one line
+  bool ensure_ascii = false;
+  bool sort_keys = false;
+};
+
+// Python's json.dumps with HF's tojson defaults (ensure_ascii=False, no HTML escaping).
+void dump_json(const Value& v, const JsonOptions& options, int level, std::string& out, const std::string& src,
+               size_t pos) {
+  const int indent = options.indent;
   auto newline = [&](int lvl) {
     if (indent >= 0) out += "\n" + std::string(static_cast<size_t>(indent * lvl), ' ');
   };
   auto quote = [&](const std::string& s) {
     out += '"';
-    for (unsigned char c : s) {
+    for (size_t i = 0; i < s.size(); i++) {
+      unsigned char c = static_cast<unsigned char>(s[i]);
+      char buf[8];
       switch (c) {
         case '"': out += "\\\""; break;
         case '\\': out += "\\\\"; break;
@@ -368,9 +427,20 @@ void dump_json(const Value& v, int indent, int level, std::string& out, const st
         case '\b': out += "\\b"; break;
         case '\f': out += "\\f"; break;
         default:
-          if (c < 0x20) {
-            char buf[8];
+          if (c < 0x20 || (c == 0x7f && options.ensure_ascii)) {
             std::snprintf(buf, sizeof buf, "\\u%04x", c);
+            out += buf;
+          } else if (c >= 0x80 && options.ensure_ascii) {
+            // One \uXXXX per code point, as a surrogate pair above U+FFFF.
+            int extra = c >= 0xF0 ? 3 : c >= 0xE0 ? 2 : 1;
+            uint32_t code = c & (0x3F >> extra);
+            for (int k = 0; k < extra && i + 1 < s.size(); k++) code = (code << 6) | (s[++i] & 0x3F);
+            if (code >= 0x10000) {
+              std::snprintf(buf, sizeof buf, "\\u%04x", 0xD800 + ((code - 0x10000) >> 10));
+              out += buf;
+              code = 0xDC00 + ((code - 0x10000) & 0x3FF);
+            }
+            std::snprintf(buf, sizeof buf, "\\u%04x", code);
             out += buf;
           } else {
             out += static_cast<char>(c);
@@ -390,6 +460,7 @@ void dump_json(const Value& v, int indent, int level, std::string& out, const st
       break;
     case Kind::String: quote(v.str); break;
     case Kind::List:
+      if (v.is_generator) fail(src, pos, "tojson: a generator (from map, select, ...) is not JSON serializable");
       if (v.list->empty()) {
         out += "[]";
         break;
@@ -398,27 +469,32 @@ void dump_json(const Value& v, int indent, int level, std::string& out, const st
       for (size_t i = 0; i < v.list->size(); i++) {
         if (i) out += comma;
         newline(level + 1);
-        dump_json((*v.list)[i], indent, level + 1, out, src, pos);
+        dump_json((*v.list)[i], options, level + 1, out, src, pos);
       }
       newline(level);
       out += "]";
       break;
-    case Kind::Dict:
+    case Kind::Dict: {
       if (v.dict->entries.empty()) {
         out += "{}";
         break;
       }
       out += "{";
-      for (size_t i = 0; i < v.dict->entries.size(); i++) {
+      std::vector<const std::pair<std::string, Value>*> entries;
+      for (const auto& entry : v.dict->entries) entries.push_back(&entry);
+      if (options.sort_keys)  // by code point, which is byte order in UTF-8
+        std::sort(entries.begin(), entries.end(), [](auto* a, auto* b) { return a->first < b->first; });
+      for (size_t i = 0; i < entries.size(); i++) {
         if (i) out += comma;
         newline(level + 1);
-        quote(v.dict->entries[i].first);
+        quote(entries[i]->first);
         out += ": ";
-        dump_json(v.dict->entries[i].second, indent, level + 1, out, src, pos);
+        dump_json(entries[i]->second, options, level + 1, out, src, pos);
       }
       newline(level);
       out += "}";
       break;
+    }
     default: fail(src, pos, "tojson cannot serialize " + a_kind(v) + " value");
   }
 }
@@ -655,7 +731,7 @@ struct Node;
 using Body = std::vector<std::unique_ptr<Node>>;
 
 struct Node {
-  enum class Kind { Text, Output, If, For, Set, SetBlock, Break, Continue };
+  enum class Kind { Text, Output, If, For, Set, SetBlock, Macro, Break, Continue };
   Kind kind;
   size_t pos;
   std::string text;                 // Text
@@ -665,8 +741,9 @@ struct Node {
   // If: one body per condition, plus the else body if any. For: loop body, plus the else body if any.
   // SetBlock: the captured body.
   std::vector<Body> bodies;
-  std::vector<std::string> targets;  // For loop variables; Set names (unpacked when several)
-  std::string attr;                  // Set: `ns.attr` assignment when non-empty
+  std::vector<std::string> targets;  // For loop variables; Set names (unpacked when several); Macro parameters
+  std::vector<ExprPtr> defaults;     // Macro: one per parameter, null when it has none
+  std::string attr;                  // Set: `ns.attr` assignment when non-empty; Macro: its name
 };
 
 }  // namespace afm::jinja
@@ -699,6 +776,18 @@ class Parser {
   std::vector<Token> toks_;
   size_t i_ = 0;
   int loop_depth_ = 0;  // break/continue are only valid inside a for body
+  int depth_ = 0;       // nesting of blocks and expressions, which the renderer walks recursively
+
+  // Each parse function that nests counts its levels with deeper() and gives them back on return.
+  struct DepthGuard {
+    int& depth;
+    int saved;
+    ~DepthGuard() { depth = saved; }
+  };
+  DepthGuard guard() { return DepthGuard{depth_, depth_}; }
+  void deeper(size_t pos) {
+    if (++depth_ > kMaxNesting) fail(src_, pos, "blocks or expressions nested deeper than 256 levels");
+  }
 
   const Token& peek(size_t ahead = 0) const { return toks_[std::min(i_ + ahead, toks_.size() - 1)]; }
   const Token& next() { return toks_[i_ < toks_.size() - 1 ? i_++ : i_]; }
@@ -736,6 +825,8 @@ class Parser {
   // stream just past it. `opener`/`opener_pos` name the enclosing block for the unclosed error.
   std::string parse_body(Body& body, std::initializer_list<const char*> ends, const std::string& opener,
                          size_t opener_pos) {
+    auto nesting = guard();
+    deeper(opener_pos);
     for (;;) {
       const Token& t = peek();
       if (t.kind == Tok::Eof) {
@@ -768,6 +859,8 @@ class Parser {
         body.push_back(parse_for(tag_pos));
       } else if (tag == "set") {
         body.push_back(parse_set(tag_pos));
+      } else if (tag == "macro") {
+        body.push_back(parse_macro(tag_pos));
       } else if (tag == "generation") {
         // HF's assistant-mask marker: renders its body unchanged.
         expect_block_end();
@@ -778,7 +871,7 @@ class Parser {
         expect_block_end();
         body.push_back(new_node(tag == "break" ? Node::Kind::Break : Node::Kind::Continue, tag_pos));
       } else if (tag == "elif" || tag == "else" || tag == "endif" || tag == "endfor" || tag == "endset" ||
-                 tag == "endgeneration") {
+                 tag == "endgeneration" || tag == "endmacro") {
         fail(src_, tag_pos, "unexpected '" + tag + "'" + (opener.empty() ? "" : " inside '" + opener + "' block"));
       } else {
         fail(src_, tag_pos, "unknown or unsupported tag '" + tag + "'");
@@ -870,6 +963,36 @@ class Parser {
     return node;
   }
 
+  // {% macro name(a, b='default') %}body{% endmacro %}
+  std::unique_ptr<Node> parse_macro(size_t tag_pos) {
+    auto node = new_node(Node::Kind::Macro, tag_pos);
+    node->attr = expect_name();
+    expect_op("(");
+    while (!is_op(")")) {
+      node->targets.push_back(expect_name());
+      if (is_op("=")) {
+        next();
+        node->defaults.push_back(parse_expr());
+      } else {
+        if (!node->defaults.empty() && node->defaults.back())
+          fail(src_, peek().pos, "macro parameter without a default after one with a default");
+        node->defaults.push_back(nullptr);
+      }
+      if (!is_op(",")) break;
+      next();
+    }
+    expect_op(")");
+    expect_block_end();
+    int enclosing_loops = loop_depth_;  // a macro body is not inside the caller's loop
+    loop_depth_ = 0;
+    Body body;
+    parse_body(body, {"endmacro"}, "macro", tag_pos);
+    loop_depth_ = enclosing_loops;
+    expect_block_end();
+    node->bodies.push_back(std::move(body));
+    return node;
+  }
+
   // ---- expressions, lowest precedence first (Jinja2's grammar)
 
   static ExprPtr make(Expr::Kind kind, size_t pos) {
@@ -886,8 +1009,11 @@ class Parser {
   }
 
   ExprPtr parse_expr() {
+    auto nesting = guard();
+    deeper(peek().pos);
     ExprPtr value = parse_or();
     while (is_name("if")) {
+      deeper(peek().pos);
       auto t = make(Expr::Kind::Ternary, next().pos);
       t->args.push_back(std::move(value));
       t->args.push_back(parse_or());
@@ -903,8 +1029,10 @@ class Parser {
   }
 
   ExprPtr parse_or() {
+    auto nesting = guard();
     ExprPtr left = parse_and();
     while (is_name("or")) {
+      deeper(peek().pos);
       auto e = make(Expr::Kind::Or, next().pos);
       e->args.push_back(std::move(left));
       e->args.push_back(parse_and());
@@ -914,8 +1042,10 @@ class Parser {
   }
 
   ExprPtr parse_and() {
+    auto nesting = guard();
     ExprPtr left = parse_not();
     while (is_name("and")) {
+      deeper(peek().pos);
       auto e = make(Expr::Kind::And, next().pos);
       e->args.push_back(std::move(left));
       e->args.push_back(parse_not());
@@ -925,6 +1055,8 @@ class Parser {
   }
 
   ExprPtr parse_not() {
+    auto nesting = guard();
+    deeper(peek().pos);
     if (is_name("not")) {
       auto e = make(Expr::Kind::Not, next().pos);
       e->args.push_back(parse_not());
@@ -963,12 +1095,14 @@ class Parser {
   }
 
   ExprPtr binary_loop(ExprPtr (Parser::*operand)(), std::initializer_list<const char*> ops) {
+    auto nesting = guard();
     ExprPtr left = (this->*operand)();
     for (;;) {
       const char* match = nullptr;
       for (const char* op : ops)
         if (is_op(op)) match = op;
       if (!match) return left;
+      deeper(peek().pos);
       auto e = make(Expr::Kind::Binary, next().pos);
       e->name = match;
       e->args.push_back(std::move(left));
@@ -985,6 +1119,8 @@ class Parser {
   // As in Jinja2, filters and tests bind tighter than any operator except member access and calls,
   // and `-x|f` is f(-x).
   ExprPtr parse_unary(bool with_filters) {
+    auto nesting = guard();
+    deeper(peek().pos);
     ExprPtr e;
     if (is_op("-")) {
       e = make(Expr::Kind::Neg, next().pos);
@@ -1074,7 +1210,9 @@ class Parser {
   }
 
   ExprPtr parse_postfix(ExprPtr e) {
+    auto nesting = guard();
     for (;;) {
+      deeper(peek().pos);
       if (is_op(".")) {
         size_t pos = next().pos;
         if (peek().kind == Tok::Int) {  // `x.0` is x[0] in Jinja
@@ -1144,7 +1282,9 @@ class Parser {
   }
 
   ExprPtr parse_filters(ExprPtr e) {
+    auto nesting = guard();
     for (;;) {
+      deeper(peek().pos);
       if (is_op("|")) {
         auto f = make(Expr::Kind::Filter, next().pos);
         f->name = expect_name();
@@ -1237,6 +1377,8 @@ class Renderer {
   // Innermost last. Each for-loop iteration gets a fresh scope, so `set` inside a loop does not
   // leak out of it (or into the next iteration) — the reason templates need namespace().
   std::vector<std::unordered_map<std::string, Value>> scopes_;
+  int64_t steps_ = 0;
+  int call_depth_ = 0;
 
   Value lookup(const std::string& name) const {
     for (auto it = scopes_.rbegin(); it != scopes_.rend(); ++it) {
@@ -1289,10 +1431,58 @@ class Renderer {
         }
         break;
       }
+      case Node::Kind::Macro: {
+        Value macro = make_function(node.attr);
+        macro.macro = &node;
+        macro.macro_scopes = scopes_.size();
+        scopes_.back()[node.attr] = std::move(macro);
+        break;
+      }
       case Node::Kind::Break: return Flow::Break;
       case Node::Kind::Continue: return Flow::Continue;
     }
+    if (out.size() > kMaxSize) fail(src_, node.pos, "the rendered prompt is larger than 64 MiB");
     return Flow::Normal;
+  }
+
+  // Counts loop iterations and macro calls, so no template can run for ever.
+  void step(size_t pos) {
+    if (++steps_ > kMaxSteps) fail(src_, pos, "the template runs too long (over a million loop iterations)");
+  }
+
+  // A macro runs in a new scope over the scopes open where it was defined: it sees the template's
+  // variables, not its caller's loop variables. Missing arguments are undefined, as in Jinja.
+  Value call_macro(const Value& f, const Args& args, size_t pos) {
+    const Node& m = *f.macro;
+    if (call_depth_ >= kMaxCallDepth) fail(src_, pos, "macro '" + m.attr + "' recurses too deeply");
+    step(pos);
+    std::unordered_map<std::string, Value> locals;
+    size_t positional = 0;
+    for (size_t i = 0; i < args.values.size(); i++) {
+      if (args.names[i].empty()) {
+        if (positional >= m.targets.size())
+          fail(src_, pos, "macro '" + m.attr + "' takes at most " + std::to_string(m.targets.size()) + " arguments");
+        locals[m.targets[positional++]] = args.values[i];
+      } else if (std::find(m.targets.begin(), m.targets.end(), args.names[i]) != m.targets.end()) {
+        locals[args.names[i]] = args.values[i];
+      } else {
+        fail(src_, pos, "macro '" + m.attr + "' has no parameter '" + args.names[i] + "'");
+      }
+    }
+    for (size_t i = 0; i < m.targets.size(); i++) {
+      if (locals.count(m.targets[i])) continue;
+      locals[m.targets[i]] = m.defaults[i] ? eval(*m.defaults[i]) : make_undefined(m.targets[i]);
+    }
+    std::vector<std::unordered_map<std::string, Value>> callers(scopes_.begin() + f.macro_scopes, scopes_.end());
+    scopes_.resize(f.macro_scopes);
+    scopes_.push_back(std::move(locals));
+    call_depth_++;
+    std::string out;
+    exec(m.bodies[0], out);
+    call_depth_--;
+    scopes_.pop_back();
+    scopes_.insert(scopes_.end(), std::make_move_iterator(callers.begin()), std::make_move_iterator(callers.end()));
+    return make_string(std::move(out));
   }
 
   void set_attribute(const Node& node, Value value) {
@@ -1306,7 +1496,9 @@ class Renderer {
   std::vector<Value> iterate(const Value& v, size_t pos) {
     switch (v.kind) {
       case Kind::Undefined: return {};  // Jinja iterates an undefined value as empty
-      case Kind::List: return *v.list;
+      case Kind::List:
+        if (v.is_generator) return std::exchange(*v.list, {});
+        return *v.list;
       case Kind::Dict: {
         std::vector<Value> keys;
         for (const auto& entry : v.dict->entries) keys.push_back(make_string(entry.first));
@@ -1337,6 +1529,7 @@ class Renderer {
     }
     int64_t n = static_cast<int64_t>(items.size());
     for (int64_t i = 0; i < n; i++) {
+      step(node.pos);
       scopes_.back().clear();
       assign(node.targets, items[i], node.pos);
       Value loop = make_dict();
@@ -1384,7 +1577,14 @@ class Renderer {
         }
         return d;
       }
-      case Expr::Kind::Attr: return get_item(eval(*e.args[0]), make_string(e.name), e.pos);
+      case Expr::Kind::Attr: {
+        // As Python's getattr comes first in Jinja, `d.items` is the method even when d has a key "items".
+        Value obj = eval(*e.args[0]);
+        if (obj.kind == Kind::Dict && !obj.is_namespace &&
+            (e.name == "items" || e.name == "keys" || e.name == "values" || e.name == "get"))
+          return make_function("dict." + e.name);
+        return get_item(obj, make_string(e.name), e.pos);
+      }
       case Expr::Kind::Index: return get_item(eval(*e.args[0]), eval(*e.args[1]), e.pos);
       case Expr::Kind::Slice: return slice(e);
       case Expr::Kind::Neg: {
@@ -1423,6 +1623,7 @@ class Renderer {
         Value f = eval(callee);
         if (f.kind == Kind::Undefined) undefined_error(f, callee.pos);
         if (f.kind != Kind::Function) fail(src_, e.pos, a_kind(f) + " is not callable");
+        if (f.macro) return call_macro(f, args, e.pos);
         return call_global(f.str, args, e.pos);
       }
       case Expr::Kind::Filter: return apply_filter(e.name, eval(*e.args[0]), eval_args(e), e.pos);
@@ -1489,15 +1690,28 @@ class Renderer {
     fail(src_, pos, "unsupported operand types for '" + op + "': " + kind_name(a) + " and " + kind_name(b));
   }
 
+  // Strings and lists a template builds stay under kMaxSize, so doubling one in a loop cannot exhaust memory.
+  void check_size(size_t n, size_t pos) {
+    if (n > kMaxSize) fail(src_, pos, "a value larger than 64 MiB");
+  }
+
   Value binary(const std::string& op, const Value& a, const Value& b, size_t pos) {
-    if (op == "~") return make_string(py_str(a) + py_str(b));
+    if (op == "~") {
+      Value joined = make_string(py_str(a) + py_str(b));
+      check_size(joined.str.size(), pos);
+      return joined;
+    }
     bool ints = a.kind == Kind::Int && b.kind == Kind::Int;
     bool nums = is_number(a) && is_number(b);
     if (op == "+") {
       if (ints) return make_int(a.integer + b.integer);
       if (nums) return make_float(as_double(a) + as_double(b));
-      if (a.kind == Kind::String && b.kind == Kind::String) return make_string(a.str + b.str);
+      if (a.kind == Kind::String && b.kind == Kind::String) {
+        check_size(a.str.size() + b.str.size(), pos);
+        return make_string(a.str + b.str);
+      }
       if (a.kind == Kind::List && b.kind == Kind::List) {
+        check_size(a.list->size() + b.list->size(), pos);
         std::vector<Value> items = *a.list;
         items.insert(items.end(), b.list->begin(), b.list->end());
         return make_list(std::move(items));
@@ -1510,6 +1724,11 @@ class Renderer {
       if (nums) return make_float(as_double(a) * as_double(b));
       const Value* seq = a.kind == Kind::Int ? &b : &a;
       const Value* count = a.kind == Kind::Int ? &a : &b;
+      if (count->kind == Kind::Int && (seq->kind == Kind::String || seq->kind == Kind::List))
+        check_size(static_cast<size_t>(std::clamp<double>(static_cast<double>(count->integer) *
+                                                              (seq->kind == Kind::String ? seq->str.size() : seq->list->size()),
+                                                          0, 2.0 * kMaxSize)),
+                   pos);
       if (count->kind == Kind::Int && seq->kind == Kind::String) {
         std::string out;
         for (int64_t i = 0; i < count->integer; i++) out += seq->str;
@@ -1616,6 +1835,19 @@ class Renderer {
       }
       return ns;
     }
+    if (name == "dict") {  // dict(mapping, key=value, ...)
+      Value d = make_dict();
+      for (size_t i = 0; i < args.values.size(); i++) {
+        if (!args.names[i].empty()) {
+          d.dict->set(args.names[i], args.values[i]);
+        } else if (i == 0 && args.values[i].kind == Kind::Dict && !args.values[i].is_namespace) {
+          for (const auto& [k, v] : args.values[i].dict->entries) d.dict->set(k, v);
+        } else {
+          fail(src_, pos, "dict() takes one mapping and keyword arguments");
+        }
+      }
+      return d;
+    }
     if (name == "range") {
       args.check({"start", "stop", "step"}, name, src_, pos);
       for (const Value& v : args.values)
@@ -1626,6 +1858,7 @@ class Renderer {
       int64_t stop = n > 1 ? args.values[1].integer : args.values[0].integer;
       int64_t step = n > 2 ? args.values[2].integer : 1;
       if (step == 0) fail(src_, pos, "range() step cannot be zero");
+      check_size(static_cast<size_t>(std::clamp((static_cast<double>(stop) - start) / step, 0.0, 2.0 * kMaxSize)), pos);
       std::vector<Value> items;
       for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) items.push_back(make_int(i));
       return make_list(std::move(items));
@@ -1758,7 +1991,9 @@ class Renderer {
       switch (in.kind) {
         case Kind::Undefined: return make_int(0);
         case Kind::String: return make_int(static_cast<int64_t>(char_starts(in.str).size()) - 1);
-        case Kind::List: return make_int(static_cast<int64_t>(in.list->size()));
+        case Kind::List:
+          if (in.is_generator) fail(src_, pos, "a generator (from map, select, ...) has no length: use |list first");
+          return make_int(static_cast<int64_t>(in.list->size()));
         case Kind::Dict: return make_int(static_cast<int64_t>(in.dict->entries.size()));
         default: fail(src_, pos, a_kind(in) + " has no length");
       }
@@ -1783,13 +2018,18 @@ class Renderer {
       bool use_fallback = in.kind == Kind::Undefined || (boolean && truthy(*boolean) && !truthy(in));
       return use_fallback ? (fallback ? *fallback : make_string("")) : in;
     }
-    if (name == "tojson") {
-      args.check({"indent"}, name, src_, pos);
-      const Value* indent = args.get(0, "indent");
+    if (name == "tojson") {  // HF's tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)
+      args.check({"ensure_ascii", "indent", "separators", "sort_keys"}, name, src_, pos);
+      if (args.get(2, "separators")) fail(src_, pos, "unsupported construct: tojson(separators=...)");
+      const Value* indent = args.get(1, "indent");
       if (indent && indent->kind != Kind::Int && indent->kind != Kind::None)
         fail(src_, pos, "tojson indent must be an integer");
+      JsonOptions options;
+      options.indent = indent && indent->kind == Kind::Int ? static_cast<int>(std::max<int64_t>(indent->integer, 0)) : -1;
+      options.ensure_ascii = args.get(0, "ensure_ascii") && truthy(*args.get(0, "ensure_ascii"));
+      options.sort_keys = args.get(3, "sort_keys") && truthy(*args.get(3, "sort_keys"));
       std::string out;
-      dump_json(in, indent && indent->kind == Kind::Int ? static_cast<int>(indent->integer) : -1, 0, out, src_, pos);
+      dump_json(in, options, 0, out, src_, pos);
       return make_string(std::move(out));
     }
     if (name == "string") {
@@ -1798,6 +2038,13 @@ class Renderer {
     }
     if (name == "first" || name == "last") {
       args.check({}, name, src_, pos);
+      if (in.is_generator && name == "last") fail(src_, pos, "filter 'last' of a generator: use |list first");
+      if (in.is_generator) {  // takes one item, as next() does
+        if (in.list->empty()) return make_undefined("first of an empty sequence");
+        Value item = in.list->front();
+        in.list->erase(in.list->begin());
+        return item;
+      }
       std::vector<Value> items = iterate(in, pos);
       if (items.empty()) return make_undefined(name + " of an empty sequence");
       return name == "first" ? items.front() : items.back();
@@ -1827,6 +2074,7 @@ class Renderer {
       if (from.empty()) fail(src_, pos, "replace() with an empty search string is not supported");
       for (size_t j; left != 0 && (j = s.find(from, i)) != std::string::npos; left--) {
         out += s.substr(i, j - i) + to;
+        check_size(out.size(), pos);
         i = j + from.size();
       }
       return make_string(out + s.substr(i));
@@ -1908,7 +2156,7 @@ class Renderer {
           out.push_back(apply_filter(filter, item, rest, pos));
         }
       }
-      return make_list(std::move(out));
+      return make_generator(std::move(out));
     }
     if (name == "selectattr" || name == "rejectattr" || name == "select" || name == "reject") {
       // selectattr('attr', 'test', arg...) keeps items whose attribute passes the test (truthiness
@@ -1932,7 +2180,27 @@ class Renderer {
         bool pass = test ? apply_test(test_name, subject, test_args, pos) : truthy(subject);
         if (pass == keep_when) out.push_back(item);
       }
-      return make_list(std::move(out));
+      return make_generator(std::move(out));
+    }
+    if (name == "indent") {  // indent(width=4, first=False, blank=False): every line after the first
+      args.check({"width", "first", "blank"}, name, src_, pos);
+      const Value* width = args.get(0, "width");
+      std::string pad = !width ? "    "
+                        : width->kind == Kind::String ? width->str
+                        : width->kind == Kind::Int    ? std::string(static_cast<size_t>(std::clamp<int64_t>(width->integer, 0, 1024)), ' ')
+                                                      : (fail(src_, pos, "indent width must be an integer or string"), "");
+      bool first = args.get(1, "first") && truthy(*args.get(1, "first"));
+      bool blank = args.get(2, "blank") && truthy(*args.get(2, "blank"));
+      // Jinja appends a newline and splits it with str.splitlines, so a trailing newline is dropped.
+      std::vector<std::string> lines = split_lines(string_input() + "\n");
+      std::string out;
+      for (size_t i = 0; i < lines.size(); i++) {
+        if (i) out += "\n";
+        if ((i > 0 || first) && (blank || !lines[i].empty())) out += pad;
+        out += lines[i];
+        check_size(out.size(), pos);
+      }
+      return make_string(std::move(out));
     }
     fail(src_, pos, "unknown filter '" + name + "'");
   }
@@ -2068,7 +2336,7 @@ std::string ChatTemplate::render(const nlohmann::ordered_json& context) const {
   if (!program_) throw Error("chat template: render() on an empty ChatTemplate");
   if (!context.is_object()) throw Error("chat template: the render context must be a JSON object");
   std::unordered_map<std::string, jinja::Value> globals;
-  for (const char* fn : {"raise_exception", "namespace", "range", "strftime_now"})
+  for (const char* fn : {"raise_exception", "namespace", "range", "strftime_now", "dict"})
     globals[fn] = jinja::make_function(fn);
   if (bos_token_) globals["bos_token"] = jinja::make_string(*bos_token_);
   if (eos_token_) globals["eos_token"] = jinja::make_string(*eos_token_);

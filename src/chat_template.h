@@ -1,7 +1,10 @@
 // Renders HuggingFace chat templates: the Jinja `chat_template` string in tokenizer_config.json.
 // A small Jinja2-subset interpreter (lexer -> parser -> AST -> tree-walking evaluator) that follows
-// HF's environment: trim_blocks, lstrip_blocks, loop controls, raise_exception and strftime_now.
-// Anything it does not implement is an afm::Error naming the construct, never a silently wrong prompt.
+// HF's environment: trim_blocks, lstrip_blocks, loop controls, macros, raise_exception, strftime_now
+// and dict. Anything it does not implement is an afm::Error naming the construct, never a silently
+// wrong prompt; tests/test_chat_template_diff.cpp checks it against jinja2 on real templates.
+// Rendering is bounded (nesting, macro recursion, loop iterations, value and output size), so a
+// hostile template ends in an error rather than a crash or a hang.
 #pragma once
 #include <memory>
 #include <optional>
@@ -32,6 +35,9 @@ class ChatTemplate {
   // (messages, add_generation_prompt, tools, ...), overriding bos_token/eos_token from the config.
   // ordered_json because templates see dicts in insertion order, as Python does (tojson, loops).
   std::string render(const nlohmann::ordered_json& context) const;
+
+  const std::optional<std::string>& bos_token() const { return bos_token_; }
+  const std::optional<std::string>& eos_token() const { return eos_token_; }
 
  private:
   struct Program;  // parsed template, defined in chat_template.cpp

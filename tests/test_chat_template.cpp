@@ -362,7 +362,7 @@ TEST(ChatTemplateErrors, SyntaxErrorsNameTheProblem) {
   };
   contains(error_of("{{ 'x'|frobnicate }}"), "unknown filter 'frobnicate'");
   contains(error_of("{{ 'x'|frobnicate }}"), "line 1, column 7");
-  contains(error_of("ab\n{% macro m() %}{% endmacro %}"), "unknown or unsupported tag 'macro' at line 2, column 1");
+  contains(error_of("ab\n{% call m() %}{% endcall %}"), "unknown or unsupported tag 'call' at line 2, column 1");
   contains(error_of("{% include 'x.j2' %}"), "unknown or unsupported tag 'include'");
   contains(error_of("{% raw %}{{ x }}{% endraw %}"), "unsupported tag 'raw'");
   contains(error_of("{% for m in messages %}{{ m }}"), "unclosed 'for' block: expected 'endfor' at line 1, column 1");
@@ -377,7 +377,7 @@ TEST(ChatTemplateErrors, SyntaxErrorsNameTheProblem) {
   contains(error_of("{{ 'x'.zfill(3) }}"), "unknown method 'zfill' on string");
   contains(error_of("{{ 1 + }}"), "expected an expression");
   contains(error_of("{% break %}"), "'break' outside of a for loop");
-  contains(error_of("{{ x|tojson(sort_keys=true) }}"), "unexpected keyword argument 'sort_keys'");
+  contains(error_of("{{ x|tojson(sort=true) }}"), "unexpected keyword argument 'sort'");
   contains(error_of("{{ 'a %s' % 'b' }}"), "'%' string formatting");
   contains(error_of("{% for x in xs recursive %}{% endfor %}"), "'recursive' loop");
   contains(error_of("{{ (1, 2) }}"), "tuple literal");
@@ -390,4 +390,72 @@ TEST(ChatTemplateErrors, UndefinedMisuse) {
   EXPECT_NE(error_of("{{ missing.attr }}").find("'missing' is undefined"), std::string::npos);
   EXPECT_NE(error_of("{{ missing + 'a' }}").find("'missing' is undefined"), std::string::npos);
   EXPECT_NE(error_of("{{ nope() }}").find("'nope' is undefined"), std::string::npos);
+}
+
+// ------------------------------------------------------------------------------------------ constructs real templates use
+
+TEST(ChatTemplateStmt, Macros) {
+  // Defaults, keyword arguments, missing arguments as undefined, recursion, and output as a string.
+  EXPECT_EQ(render("{% macro f(x, y='!') %}{{ x }}{{ y }}{% endmacro %}{{ f(1) }}|{{ f(2, y='?') }}|{{ f() }}|{{ f(3)|length }}"),
+            "1!|2?|!|2");
+  EXPECT_EQ(render("{%- macro t(spec) %}{% if spec.type == 'array' %}list[{{ t(spec['items']) }}]{% else %}{{ spec.type }}"
+                   "{% endif %}{% endmacro %}{{ t({'type': 'array', 'items': {'type': 'array', 'items': {'type': 'int'}}}) }}"),
+            "list[list[int]]");
+  // A macro sees the template's variables (a namespace it can update), not its caller's loop variables.
+  EXPECT_EQ(render("{% set ns = namespace(n=0) %}{% macro bump() %}{% set ns.n = ns.n + 1 %}{{ x is defined }}{% endmacro %}"
+                   "{% for x in [1, 2] %}{{ bump() }}{% endfor %}{{ ns.n }}"),
+            "FalseFalse2");
+  EXPECT_NE(error_of("{% macro f(x) %}{% endmacro %}{{ f(1, 2) }}").find("at most 1 arguments"), std::string::npos);
+  EXPECT_NE(error_of("{% macro f(x) %}{% endmacro %}{{ f(z=1) }}").find("no parameter 'z'"), std::string::npos);
+  EXPECT_NE(error_of("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}").find("recurses too deeply"), std::string::npos);
+}
+
+TEST(ChatTemplateExpr, IndentFilter) {
+  // Jinja's indent: lines after the first, blank lines left alone.
+  EXPECT_EQ(render("{{ 'a\nb\n\nc\n'|indent }}"), "a\n    b\n\n    c\n");
+  EXPECT_EQ(render("{{ 'a\nb'|indent(2, first=true) }}|{{ 'a\n\nb'|indent(1, blank=true) }}|{{ 'x\ny'|indent('> ') }}"),
+            "  a\n  b|a\n \n b|x\n> y");
+}
+
+TEST(ChatTemplateExpr, ToJsonOptions) {
+  // HF's tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False).
+  json ctx = {{"d", {{"b", "é😀"}, {"a", 1}}}};
+  EXPECT_EQ(render("{{ d|tojson(sort_keys=true) }}", ctx), R"({"a": 1, "b": "é😀"})");
+  EXPECT_EQ(render("{{ d|tojson(ensure_ascii=true) }}", ctx), R"({"b": "\u00e9\ud83d\ude00", "a": 1})");
+  EXPECT_EQ(render("{{ d|tojson(indent=0) }}", ctx), "{\n\"b\": \"é😀\",\n\"a\": 1\n}");
+  EXPECT_NE(error_of("{{ d|tojson(separators=[',', ':']) }}", ctx).find("unsupported construct"), std::string::npos);
+}
+
+TEST(ChatTemplateExpr, DictGlobalAndMethodAttributes) {
+  EXPECT_EQ(render("{{ dict(a=1, b='x') }} {{ dict({'k': 2}, z=3) }}"), "{'a': 1, 'b': 'x'} {'k': 2, 'z': 3}");
+  // As in Python, d.items is the dict's method even when a key "items" exists; d['items'] is the key.
+  json ctx = {{"d", {{"items", {{"type", "int"}}}}}};
+  EXPECT_EQ(render("{{ d.items is defined }} {{ d.items.type is defined }} {{ d['items'].type }}", ctx), "True False int");
+}
+
+TEST(ChatTemplateExpr, FilterResultsAreGenerators) {
+  // map/select/selectattr return generators in Jinja: always true, no length, not JSON, used up once iterated.
+  json ctx = {{"xs", json::array({1, 2, 3})}};
+  EXPECT_EQ(render("{% if xs|select('gt', 5) %}T{% endif %}{{ xs|select('gt', 5)|list|length }}", ctx), "T0");
+  EXPECT_EQ(render("{% set g = xs|map('string') %}{{ g|join(',') }}|{{ g|join(',') }}|{{ (xs|select('odd'))|first }}", ctx),
+            "1,2,3||1");
+  EXPECT_NE(error_of("{{ xs|select('odd')|length }}", ctx).find("generator"), std::string::npos);
+  EXPECT_NE(error_of("{{ xs|map('string')|tojson }}", ctx).find("not JSON serializable"), std::string::npos);
+  EXPECT_NE(error_of("{{ xs|select('odd') }}", ctx).find("unsupported construct"), std::string::npos);
+}
+
+TEST(ChatTemplateErrors, HostileTemplatesAreBounded) {
+  // Deep nesting, endless loops and exploding strings end in an error, not a crash or a hang.
+  EXPECT_NE(error_of("{{ " + std::string(1000, '(') + "1" + std::string(1000, ')') + " }}").find("nested deeper"), std::string::npos);
+  EXPECT_NE(error_of("{{ 1" + std::string(5000, '+') + "1 }}").find("nested deeper"), std::string::npos);
+  EXPECT_NE(error_of("{{ 'x'" + [] { std::string s; for (int i = 0; i < 2000; i++) s += "|trim"; return s; }() + " }}")
+                .find("nested deeper"),
+            std::string::npos);
+  EXPECT_NE(error_of("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}").find("runs too long"),
+            std::string::npos);
+  EXPECT_NE(error_of("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}")
+                .find("larger than 64 MiB"),
+            std::string::npos);
+  EXPECT_NE(error_of("{{ 'x' * 100000000000 }}").find("larger than 64 MiB"), std::string::npos);
+  EXPECT_NE(error_of("{{ range(10000000000)|length }}").find("larger than 64 MiB"), std::string::npos);
 }

@@ -40,6 +40,7 @@ void add_generate_commands(CLI::App& app);  // generate and chat
 void add_tokenize_commands(CLI::App& app);  // tokenize and detokenize
 void add_bench_command(CLI::App& app);
 void add_perplexity_command(CLI::App& app);  // sliding-window perplexity of a text file
+void add_template_command(CLI::App& app);    // the prompt a chat template renders
 
 std::string read_file(const std::string& path);
 
