@@ -1,12 +1,12 @@
 // The afm command line as a user runs it: output formats, HF's greedy text, and error messages.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
+
+#include "support/subprocess.h"
 
 namespace {
 
@@ -15,10 +15,7 @@ using json = nlohmann::json;
 
 const std::string kRepo = AFM_SOURCE_DIR;
 
-struct Result {
-  int status = -1;
-  std::string out;  // stdout, or stdout + stderr when asked
-};
+using afm::test::Result;
 
 Result afm(const std::string& args, bool with_stderr = false, const std::string& stdin_text = "") {
   std::string command = std::string(AFM_BINARY) + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
@@ -29,14 +26,7 @@ Result afm(const std::string& args, bool with_stderr = false, const std::string&
   } else {
     command += " < /dev/null";
   }
-  Result run;
-  FILE* pipe = popen(command.c_str(), "r");
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0) run.out.append(buf.data(), n);
-  const int status = pclose(pipe);
-  run.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return run;
+  return afm::test::run_command(command);
 }
 
 json read_json(const std::string& path) {
