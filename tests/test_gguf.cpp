@@ -14,6 +14,7 @@
 #include "gguf_model.h"
 #include "model.h"
 #include "model_files.h"
+#include "rope.h"
 #include "support/subprocess.h"
 
 namespace {
@@ -129,6 +130,32 @@ TEST(Gguf, ConfigComesFromTheMetadata) {
   EXPECT_EQ(c.rope.original_max_position_embeddings, hf.rope.original_max_position_embeddings);
   EXPECT_EQ(c.tie_word_embeddings, false);
   EXPECT_EQ(c.eos_token_ids, hf.eos_token_ids);
+}
+
+// llama.cpp's own arcee loader ignores YaRN's betas; afm reads them (and the attention factor), so
+// a GGUF gives the RoPE of the HF config it came from even with non-default values.
+TEST(Gguf, YarnBetasAndAttentionFactorAreHonoured) {
+  const fs::path dir = fs::path(::testing::TempDir()) / "arcee-betas";
+  fs::create_directories(dir);
+  json config = json::parse(read_bytes(kFixtures + "/tiny-arcee/config.json"));
+  config["rope_scaling"]["beta_fast"] = 16.0;
+  config["rope_scaling"]["beta_slow"] = 2.0;
+  config["rope_scaling"]["attention_factor"] = 1.5;
+  std::ofstream(dir / "config.json") << config.dump();
+  for (const char* name : {"tokenizer.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"})
+    fs::copy_file(kFixtures + "/tiny-arcee/" + name, dir / name, fs::copy_options::overwrite_existing);
+  const std::string gguf = ::testing::TempDir() + "/arcee-betas.gguf";
+  ASSERT_EQ(afm::test::run_oracle("gguf_write.py from-hf " + dir.string() + " " + gguf).status, 0);
+
+  const afm::RopeConfig from_gguf = afm::gguf_model_config(afm::GGUFFile::open(gguf)).rope;
+  const afm::RopeConfig from_hf = afm::load_config((dir / "config.json").string()).rope;
+  EXPECT_EQ(from_gguf.beta_fast, 16.0);
+  EXPECT_EQ(from_gguf.beta_slow, 2.0);
+  const afm::RopeFrequencies a = afm::rope_frequencies(from_gguf, 32), b = afm::rope_frequencies(from_hf, 32);
+  EXPECT_EQ(a.inv_freq, b.inv_freq);
+  EXPECT_EQ(a.attention_scaling, 1.5f);
+  EXPECT_EQ(a.attention_scaling, b.attention_scaling);
+  EXPECT_NE(a.inv_freq, afm::rope_frequencies(afm::load_config(kFixtures + "/tiny-arcee/config.json").rope, 32).inv_freq);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -160,6 +160,11 @@ def from_hf(folder, out):
         writer.add_rope_scaling_type(RopeScalingType.YARN)
         writer.add_rope_scaling_factor(rope["factor"])
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        # Written only when the config sets them, as convert_hf_to_gguf.py does for models that do.
+        for hf_key, gguf_key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"),
+                                 ("attention_factor", "attn_factor")):
+            if rope.get(hf_key) is not None:
+                writer.add_key_value(f"{arch}.rope.scaling.{gguf_key}", rope[hf_key], GGUFValueType.FLOAT32)
 
     tokenizer = json.loads((Path(folder) / "tokenizer.json").read_text())
     vocab = dict(tokenizer["model"]["vocab"])
