@@ -1,10 +1,9 @@
 // Tokenizer benchmark: load time of a tokenizer.json and single-threaded encode/decode speed on a
-// corpus, encoded paragraph by paragraph (split on blank lines, as tests/tokenizer_diff/
-// hf_tokenize.mjs does, so bench/tokenizer_vs_hf.sh compares like with like).
+// corpus, encoded paragraph by paragraph (split on blank lines). Then the same encode by HF
+// `tokenizers` (tests/oracles/hf_tokenize.py bench, one thread, cold cache) for comparison, when
+// the .venv that scripts/install-deps.sh makes is there.
 //
 //   bench_tokenizer [tokenizer_dir] [corpus.txt]
-//
-// The last line, "tokens=N seconds=S", is the first (cold-cache) encode pass.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -13,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../tests/support/subprocess.h"
 #include "error.h"
 #include "tokenizer.h"
 
@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
                 loads[2] * 1e3);
 
     afm::Tokenizer tok = afm::Tokenizer::load(dir + "/tokenizer.json");
-    EncodePass cold = encode_all(tok, paragraphs);  // the word cache starts empty, as in node
+    EncodePass cold = encode_all(tok, paragraphs);  // the word cache starts empty, as in HF's run
     EncodePass warm = encode_all(tok, paragraphs);
     double mb = corpus.size() / 1e6;
     std::printf("corpus %s: %.2f MB, %zu paragraphs\n", corpus_path.c_str(), mb, paragraphs.size());
@@ -81,8 +81,26 @@ int main(int argc, char** argv) {
     std::printf("decode: %zu tokens in %.3f s = %.1f M tokens/s (round trip %s)\n", ids.size(),
                 decode_seconds, ids.size() / decode_seconds / 1e6, text == corpus ? "exact" : "DIFFERS");
 
-    std::printf("tokens=%zu seconds=%.4f\n", cold.tokens, cold.seconds);
-    return text == corpus ? 0 : 1;
+    if (text != corpus) return 1;
+
+    afm::test::Result hf = afm::test::run_oracle("hf_tokenize.py bench '" + dir + "/tokenizer.json' '" +
+                                                 corpus_path + "' 2>&1");
+    EncodePass theirs;
+    char version[32];
+    if (hf.status != 0 ||
+        std::sscanf(hf.out.c_str(), "tokens=%zu seconds=%lf tokenizers=%31s", &theirs.tokens, &theirs.seconds,
+                    version) != 3) {
+      std::printf("HF tokenizers: not measured (tests/oracles/hf_tokenize.py bench failed):\n%s", hf.out.c_str());
+      return 0;
+    }
+    std::printf("HF tokenizers %s, one thread, cold cache: %zu tokens in %.3f s = %.2f M tokens/s\n", version,
+                theirs.tokens, theirs.seconds, theirs.tokens / theirs.seconds / 1e6);
+    if (theirs.tokens != cold.tokens) {
+      std::printf("token counts differ: afm %zu, HF %zu\n", cold.tokens, theirs.tokens);
+      return 1;
+    }
+    std::printf("afm encodes %.1fx faster than HF tokenizers (cold cache both)\n", theirs.seconds / cold.seconds);
+    return 0;
   } catch (const afm::Error& e) {
     std::fprintf(stderr, "bench_tokenizer: %s\n", e.what());
     return 1;

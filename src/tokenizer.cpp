@@ -118,6 +118,95 @@ bool is_unicode_space(uint32_t cp) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Unicode versions
+//
+// HF's regexes know Unicode 16.0 (Oniguruma for the Split and ByteLevel regexes, the Rust regex
+// crate for single_word), Debian 12's PCRE2 10.42 knows Unicode 14.0. To PCRE2 the characters
+// assigned since are unassigned (Cn): \p{L}+ would stop at a Kawi letter and \p{N} would miss
+// Garay digits. So the regexes match a copy of the text in which each such character is replaced
+// by a stand-in that PCRE2 knows, of the same general category (an ideograph for the new
+// ideographs) and the same UTF-8 length: matches then fall at the same byte offsets as in the
+// original. U+180E, a space to PCRE2's \s but not to Unicode's White_Space (Oniguruma's \s)
+// since Unicode 6.3, stands in as U+200B, another format character; U+1171E changed from Mn to
+// Mc. Made by comparing the two engines on each general category over every scalar value; with
+// a newer PCRE2 the stand-ins are harmless. Only a regex that spelled one of these characters
+// (or a stand-in) literally would see the difference; the patterns in use are classes only.
+
+struct StandIn {
+  uint32_t first, last, stand_in;
+};
+constexpr StandIn kStandIns[] = {
+    {0x897, 0x897, 0x20D0}, {0xCF3, 0xCF3, 0x903}, {0xECE, 0xECE, 0x20D0}, {0x180E, 0x180E, 0x200B},
+    {0x1B4E, 0x1B4F, 0x1B5A}, {0x1B7F, 0x1B7F, 0x1B5A}, {0x1C89, 0x1C89, 0x10A0},
+    {0x1C8A, 0x1C8A, 0x2D00}, {0x2427, 0x2429, 0x2400}, {0x2FFC, 0x2FFF, 0x2400},
+    {0x31E4, 0x31E5, 0x2400}, {0x31EF, 0x31EF, 0x2400}, {0xA7CB, 0xA7CC, 0x10A0},
+    {0xA7CD, 0xA7CD, 0x2D00}, {0xA7DA, 0xA7DA, 0x10A0}, {0xA7DB, 0xA7DB, 0x2D00},
+    {0xA7DC, 0xA7DC, 0x10A0}, {0x105C0, 0x105F3, 0x10000}, {0x10D40, 0x10D49, 0x104A0},
+    {0x10D4A, 0x10D4D, 0x10000}, {0x10D4E, 0x10D4E, 0x16F93}, {0x10D4F, 0x10D4F, 0x10000},
+    {0x10D50, 0x10D65, 0x10400}, {0x10D69, 0x10D6D, 0x101FD}, {0x10D6E, 0x10D6E, 0x10EAD},
+    {0x10D6F, 0x10D6F, 0x16F93}, {0x10D70, 0x10D85, 0x10428}, {0x10D8E, 0x10D8F, 0x1D6C1},
+    {0x10EC2, 0x10EC4, 0x10000}, {0x10EFC, 0x10EFF, 0x101FD}, {0x1123F, 0x11240, 0x10000},
+    {0x11241, 0x11241, 0x101FD}, {0x11380, 0x11389, 0x10000}, {0x1138B, 0x1138B, 0x10000},
+    {0x1138E, 0x1138E, 0x10000}, {0x11390, 0x113B5, 0x10000}, {0x113B7, 0x113B7, 0x10000},
+    {0x113B8, 0x113BA, 0x11000}, {0x113BB, 0x113C0, 0x101FD}, {0x113C2, 0x113C2, 0x11000},
+    {0x113C5, 0x113C5, 0x11000}, {0x113C7, 0x113CA, 0x11000}, {0x113CC, 0x113CD, 0x11000},
+    {0x113CE, 0x113CE, 0x101FD}, {0x113CF, 0x113CF, 0x11000}, {0x113D0, 0x113D0, 0x101FD},
+    {0x113D1, 0x113D1, 0x10000}, {0x113D2, 0x113D2, 0x101FD}, {0x113D3, 0x113D3, 0x10000},
+    {0x113D4, 0x113D5, 0x10100}, {0x113D7, 0x113D8, 0x10100}, {0x113E1, 0x113E2, 0x101FD},
+    {0x116D0, 0x116E3, 0x104A0}, {0x1171E, 0x1171E, 0x11000}, {0x11B00, 0x11B09, 0x10100},
+    {0x11BC0, 0x11BE0, 0x10000}, {0x11BE1, 0x11BE1, 0x10100}, {0x11BF0, 0x11BF9, 0x104A0},
+    {0x11F00, 0x11F01, 0x101FD}, {0x11F02, 0x11F02, 0x10000}, {0x11F03, 0x11F03, 0x11000},
+    {0x11F04, 0x11F10, 0x10000}, {0x11F12, 0x11F33, 0x10000}, {0x11F34, 0x11F35, 0x11000},
+    {0x11F36, 0x11F3A, 0x101FD}, {0x11F3E, 0x11F3F, 0x11000}, {0x11F40, 0x11F40, 0x101FD},
+    {0x11F41, 0x11F41, 0x11000}, {0x11F42, 0x11F42, 0x101FD}, {0x11F43, 0x11F4F, 0x10100},
+    {0x11F50, 0x11F59, 0x104A0}, {0x11F5A, 0x11F5A, 0x101FD}, {0x1342F, 0x1342F, 0x10000},
+    {0x13439, 0x1343F, 0x1BCA0}, {0x13440, 0x13440, 0x101FD}, {0x13441, 0x13446, 0x10000},
+    {0x13447, 0x13455, 0x101FD}, {0x13460, 0x143FA, 0x10000}, {0x16100, 0x1611D, 0x10000},
+    {0x1611E, 0x16129, 0x101FD}, {0x1612A, 0x1612C, 0x11000}, {0x1612D, 0x1612F, 0x101FD},
+    {0x16130, 0x16139, 0x104A0}, {0x16D40, 0x16D42, 0x16F93}, {0x16D43, 0x16D6A, 0x10000},
+    {0x16D6B, 0x16D6C, 0x16F93}, {0x16D6D, 0x16D6F, 0x10100}, {0x16D70, 0x16D79, 0x104A0},
+    {0x18CFF, 0x18CFF, 0x10000}, {0x1B132, 0x1B132, 0x10000}, {0x1B155, 0x1B155, 0x10000},
+    {0x1CC00, 0x1CCEF, 0x1F300}, {0x1CCF0, 0x1CCF9, 0x104A0}, {0x1CD00, 0x1CEB3, 0x1F300},
+    {0x1D2C0, 0x1D2D3, 0x10107}, {0x1DF25, 0x1DF2A, 0x10428}, {0x1E030, 0x1E06D, 0x16F93},
+    {0x1E08F, 0x1E08F, 0x101FD}, {0x1E4D0, 0x1E4EA, 0x10000}, {0x1E4EB, 0x1E4EB, 0x16F93},
+    {0x1E4EC, 0x1E4EF, 0x101FD}, {0x1E4F0, 0x1E4F9, 0x104A0}, {0x1E5D0, 0x1E5ED, 0x10000},
+    {0x1E5EE, 0x1E5EF, 0x101FD}, {0x1E5F0, 0x1E5F0, 0x10000}, {0x1E5F1, 0x1E5FA, 0x104A0},
+    {0x1E5FF, 0x1E5FF, 0x10100}, {0x1F6DC, 0x1F6DC, 0x1F300}, {0x1F774, 0x1F776, 0x1F300},
+    {0x1F77B, 0x1F77F, 0x1F300}, {0x1F7D9, 0x1F7D9, 0x1F300}, {0x1F8B2, 0x1F8BB, 0x1F300},
+    {0x1F8C0, 0x1F8C1, 0x1F300}, {0x1FA75, 0x1FA77, 0x1F300}, {0x1FA87, 0x1FA89, 0x1F300},
+    {0x1FA8F, 0x1FA8F, 0x1F300}, {0x1FAAD, 0x1FAAF, 0x1F300}, {0x1FABB, 0x1FABF, 0x1F300},
+    {0x1FAC6, 0x1FAC6, 0x1F300}, {0x1FACE, 0x1FACF, 0x1F300}, {0x1FADA, 0x1FADC, 0x1F300},
+    {0x1FADF, 0x1FADF, 0x1F300}, {0x1FAE8, 0x1FAE9, 0x1F300}, {0x1FAF7, 0x1FAF8, 0x1F300},
+    {0x1FBCB, 0x1FBEF, 0x1F300}, {0x2B739, 0x2B739, 0x20000}, {0x2EBF0, 0x2EE5D, 0x20000},
+    {0x31350, 0x323AF, 0x20000},
+};
+
+// The character PCRE2 should see for cp.
+uint32_t stand_in(uint32_t cp) {
+  const StandIn* s = std::upper_bound(std::begin(kStandIns), std::end(kStandIns), cp,
+                                      [](uint32_t c, const StandIn& e) { return c < e.first; });
+  return s != std::begin(kStandIns) && cp <= s[-1].last ? s[-1].stand_in : cp;
+}
+
+// If text has a character with a stand-in, sets *out to text with the stand-ins and returns true.
+bool with_stand_ins(std::string_view text, std::string* out) {
+  bool copied = false;
+  for (size_t i = 0; i < text.size(); i++) {
+    if (static_cast<unsigned char>(text[i]) < 0xE0) continue;  // every stand-in is for 3 or 4 bytes
+    uint32_t cp = decode_char(text, i), s = stand_in(cp);
+    if (s != cp) {
+      if (!copied) out->assign(text);
+      copied = true;
+      std::string utf8;
+      append_utf8(s, utf8);
+      out->replace(i, utf8.size(), utf8);
+    }
+    i += char_len(text, i) - 1;
+  }
+  return copied;
+}
+
+// ---------------------------------------------------------------------------------------------
 // GPT-2's byte-level alphabet: every byte gets a printable character. Printable Latin-1 bytes map
 // to themselves, the other 68 bytes to U+0100.. in byte order.
 
@@ -309,13 +398,15 @@ bool next_match(const pcre2_code* re, std::string_view text, size_t from, pcre2_
   return false;
 }
 
-// Whether the character at text[i] is a word character as `\w` means it in the Rust regex crate,
-// which HF uses for single_word (PCRE2's own \w lacks marks and connectors).
-bool is_word_char_at(std::string_view text, size_t i) {
+// Whether cp is a word character as `\w` means it in the Rust regex crate, which HF uses for
+// single_word (PCRE2's own \w lacks marks and connectors).
+bool is_word_char(uint32_t cp) {
   static const Regex word = compile_regex(
       "[\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\x{200C}\\x{200D}]", false, "built-in");
   static thread_local MatchData md(pcre2_match_data_create(1, nullptr));
-  return pcre2_match(word.get(), reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), i,
+  std::string utf8;
+  append_utf8(stand_in(cp), utf8);
+  return pcre2_match(word.get(), reinterpret_cast<PCRE2_SPTR>(utf8.data()), utf8.size(), 0,
                      PCRE2_ANCHORED | PCRE2_NO_UTF_CHECK, md.get(), nullptr) >= 0;
 }
 
@@ -525,6 +616,7 @@ enum class SplitBehavior { Removed, Isolated, MergedWithPrevious, MergedWithNext
 struct PreTokenizerStep {
   bool byte_level = false;
   Regex regex;  // null for a ByteLevel step without use_regex
+  bool literal = false;  // a Split on a String: matched as it is, without stand-ins
   SplitBehavior behavior = SplitBehavior::Isolated;
   bool invert = false;
   bool add_prefix_space = false;
@@ -592,7 +684,7 @@ struct BpeModel {
 // Reused buffers of one encode() call.
 struct EncodeScratch {
   struct Step {
-    std::string prefixed, mapped;
+    std::string prefixed, mapped, subject;  // subject: the text with stand-ins, for the regex
     std::vector<Span> parts, pieces;
   };
   struct Symbol {
@@ -730,8 +822,9 @@ void Tokenizer::Impl::add_pre_tokenizer(const json& pt) {
     return;
   } else if (type == "Split") {
     const json& pattern = pt.at("pattern");
+    step.literal = pattern.contains("String");
     if (pattern.contains("Regex")) step.regex = compile_regex(pattern["Regex"].get<std::string>(), false, origin);
-    else if (pattern.contains("String")) step.regex = compile_regex(pattern["String"].get<std::string>(), true, origin);
+    else if (step.literal) step.regex = compile_regex(pattern["String"].get<std::string>(), true, origin);
     else fail("Split pre-tokenizer pattern is neither Regex nor String");
     static const std::pair<const char*, SplitBehavior> behaviors[] = {
         {"Removed", SplitBehavior::Removed},
@@ -862,8 +955,8 @@ void Tokenizer::Impl::find_added(std::string_view text, const LiteralTrie& trie,
     const AddedToken& token = added[index];
     size_t begin = pos, end = pos + len;
     pos = end;
-    if (token.single_word && ((begin > 0 && is_word_char_at(text, prev_char_start(text, begin))) ||
-                              (end < text.size() && is_word_char_at(text, end))))
+    if (token.single_word && ((begin > 0 && is_word_char(decode_char(text, prev_char_start(text, begin)))) ||
+                              (end < text.size() && is_word_char(decode_char(text, end)))))
       continue;
     if (token.lstrip) {
       while (begin > gap_start) {
@@ -902,8 +995,9 @@ void Tokenizer::Impl::pre_tokenize(size_t step, std::string_view piece, EncodeSc
     buf.pieces.push_back({0, text.size(), false});
   } else {
     buf.parts.clear();
+    std::string_view subject = !pt.literal && with_stand_ins(text, &buf.subject) ? std::string_view(buf.subject) : text;
     size_t done = 0, begin, end;
-    while (next_match(pt.regex.get(), text, done, s.match_data.get(), &begin, &end)) {
+    while (next_match(pt.regex.get(), subject, done, s.match_data.get(), &begin, &end)) {
       if (begin > done) buf.parts.push_back({done, begin, pt.invert});
       buf.parts.push_back({begin, end, !pt.invert});
       done = end;

@@ -295,6 +295,37 @@ TEST(TokenizerConfigs, ByteFallbackAndUnk) {
   EXPECT_EQ(afm::Tokenizer::from_json(tokenizer_json(patch), "t.json").encode("aüa", false), (V{0, 0}));
 }
 
+// HF's regexes know Unicode 16.0, Debian 12's PCRE2 only 14.0. A Nag Mundari letter (Unicode 15)
+// and a Garay digit (Unicode 16) must still be a letter and a digit, in the split regex and for
+// single_word, and U+180E, a space to PCRE2's \s, must not be one. The ids are tokenizers 0.23.3's.
+TEST(TokenizerConfigs, CharactersNewerThanPcre2AreClassifiedAsInHf) {
+  const std::string letter = "\U0001E4D0", digit = "\U00010D40", mvs = "\u180E";
+  json model = {{"vocab", {{"a", 0}, {letter, 1}, {"b", 2}, {"a" + letter, 3}, {"a" + letter + "b", 4}, {"1", 5},
+                           {digit, 6}, {"1" + digit, 7}, {mvs, 8}, {"a" + mvs, 9}, {"a" + mvs + "b", 10}}},
+                {"merges", {"a " + letter, "a" + letter + " b", "1 " + digit, "a " + mvs, "a" + mvs + " b"}}};
+  auto split = [&](const char* kind, const std::string& pattern, const char* behavior) {
+    json patch = {{"model", model},
+                  {"pre_tokenizer", {{"type", "Split"}, {"pattern", {{kind, pattern}}}, {"behavior", behavior}}}};
+    return afm::Tokenizer::from_json(tokenizer_json(patch), "t.json");
+  };
+  using V = std::vector<int32_t>;
+  EXPECT_EQ(split("Regex", "\\p{L}+", "Isolated").encode("a" + letter + "b", false), (V{4}));
+  EXPECT_EQ(split("Regex", "\\p{L}+", "Removed").encode("a" + letter + "b", false), (V{}));
+  EXPECT_EQ(split("Regex", "\\p{N}+", "Isolated").encode("1" + digit, false), (V{7}));
+  EXPECT_EQ(split("Regex", "\\s+", "Removed").encode("a" + mvs + "b", false), (V{10}));
+  // A String pattern is matched as it is: U+10000, the letter's stand-in, does not match the letter.
+  EXPECT_EQ(split("String", "\U00010000", "Removed").encode("a" + letter + "b", false), (V{4}));
+
+  json added = json::array({{{"id", 11}, {"content", "ab"}, {"special", false}, {"lstrip", false},
+                             {"rstrip", false}, {"single_word", true}, {"normalized", false}}});
+  json patch = {{"model", model}, {"pre_tokenizer", nullptr}, {"added_tokens", added}};
+  auto tok = afm::Tokenizer::from_json(tokenizer_json(patch), "t.json");
+  EXPECT_EQ(tok.encode(letter + "ab", false), (V{1, 0, 2}));
+  EXPECT_EQ(tok.encode("ab" + letter, false), (V{0, 2, 1}));
+  EXPECT_EQ(tok.encode(digit + "ab", false), (V{6, 0, 2}));
+  EXPECT_EQ(tok.encode("\u2400ab", false), (V{11}));  // a symbol is no word character
+}
+
 TEST(Tokenizer, LoadsLlama3Quickly) {
   auto start = std::chrono::steady_clock::now();
   afm::Tokenizer tok = afm::Tokenizer::load(fixture("tokenizer-llama3/tokenizer.json"));
