@@ -1,5 +1,4 @@
 // Conversion between fp32 rows and packed bfp8 / bfp4 rows. Format and layout: blockfloat.h.
-// This runs once per weight at load time, so it is plain scalar code.
 #include "blockfloat.h"
 
 #include <algorithm>
@@ -7,29 +6,34 @@
 #include <string>
 
 #include "error.h"
+#include "multiversion.h"
 
 namespace afm {
 
 namespace {
 
-// The signed magnitude of one fp32 value (bits) in a block with shared exponent shared_exp.
+// The signed magnitudes of one block of 16 fp32 values (as bits) under their shared exponent,
+// written branch-free over the whole block so the compiler vectorizes it (the variable shift
+// is one instruction from AVX2 on): per value, tt-metal's rule of blockfloat.h.
 template <int MagBits>
-int encode(uint32_t bits, uint32_t shared_exp) {
-  const uint32_t exp = (bits >> 23) & 0xFF;
-  if (exp == 0) return 0;  // zero or subnormal: flushed, and no negative zero
+inline void encode_block(const uint32_t* bits, uint32_t shared_exp, int32_t* mags) {
   constexpr int kShift = 24 - MagBits;
   constexpr uint32_t kTie = 1u << (kShift - 1);
-  uint32_t mantissa = (bits & 0x7FFFFF) | 0x800000;
-  mantissa >>= std::min(shared_exp - exp, 31u);  // truncating, before the rounding below
-  const uint32_t rest = mantissa & ((1u << kShift) - 1);
-  uint32_t mag = mantissa >> kShift;
-  if (rest > kTie || (rest == kTie && (mag & 1))) mag++;
-  mag = std::min(mag, BlockFloat<MagBits>::mag_mask);  // saturate rather than carry
-  return bits >> 31 ? -int(mag) : int(mag);  // -0 is 0: a zero magnitude has no sign
+  for (int j = 0; j < kBlockFloatBlock; j++) {
+    const uint32_t exp = (bits[j] >> 23) & 0xFF;
+    const uint32_t shift = std::min(shared_exp - exp, 31u);
+    const uint32_t mantissa = ((bits[j] & 0x7FFFFF) | 0x800000) >> shift;  // truncating first
+    const uint32_t rest = mantissa & ((1u << kShift) - 1);
+    uint32_t mag = mantissa >> kShift;
+    mag += uint32_t(rest > kTie) | (uint32_t(rest == kTie) & mag);  // to nearest, ties to even
+    mag = std::min(mag, BlockFloat<MagBits>::mag_mask);             // saturate rather than carry
+    mag = exp == 0 ? 0 : mag;  // zero or subnormal: flushed, and no negative zero
+    mags[j] = bits[j] >> 31 ? -int32_t(mag) : int32_t(mag);
+  }
 }
 
 template <int MagBits>
-void quantize_row(const float* src, int64_t cols, uint8_t* dst) {
+inline void quantize_row(const float* src, int64_t cols, uint8_t* dst) {
   using BF = BlockFloat<MagBits>;
   const int64_t nb = block_float_blocks(cols);
   uint8_t* payload = dst + nb;
@@ -38,26 +42,26 @@ void quantize_row(const float* src, int64_t cols, uint8_t* dst) {
     const int64_t n = std::min(kBlockFloatBlock, cols - b * kBlockFloatBlock);
     std::memcpy(bits, src + b * kBlockFloatBlock, n * sizeof(float));
     uint32_t shared_exp = 0;
-    for (int j = 0; j < n; j++) {
-      const uint32_t exp = (bits[j] >> 23) & 0xFF;
-      if (exp == 0xFF) {
-        throw Error("block-float conversion: non-finite value at column " +
-                    std::to_string(b * kBlockFloatBlock + j));
-      }
-      shared_exp = std::max(shared_exp, exp);
+    for (int j = 0; j < kBlockFloatBlock; j++) shared_exp = std::max(shared_exp, (bits[j] >> 23) & 0xFF);
+    if (shared_exp == 0xFF) {
+      for (int j = 0; j < n; j++)
+        if (((bits[j] >> 23) & 0xFF) == 0xFF)
+          throw Error("block-float conversion: non-finite value at column " + std::to_string(b * kBlockFloatBlock + j));
     }
     dst[b] = uint8_t(shared_exp);
+    int32_t mags[kBlockFloatBlock];
+    encode_block<MagBits>(bits, shared_exp, mags);
     uint8_t* out = payload + b * BF::payload_bytes;
     if constexpr (MagBits == 7) {
-      for (int j = 0; j < 16; j++) out[j] = uint8_t(int8_t(encode<7>(bits[j], shared_exp)));
+      for (int j = 0; j < 16; j++) out[j] = uint8_t(int8_t(mags[j]));
     } else {
-      for (int j = 0; j < 8; j++) {
-        const int low = encode<3>(bits[j], shared_exp), high = encode<3>(bits[j + 8], shared_exp);
-        out[j] = uint8_t((low & 0xF) | (high & 0xF) << 4);
-      }
+      for (int j = 0; j < 8; j++) out[j] = uint8_t((mags[j] & 0xF) | (mags[j + 8] & 0xF) << 4);
     }
   }
 }
+
+AFM_VECTORIZED_CLONES void quantize_bfp8_row(const float* src, int64_t cols, uint8_t* dst) { quantize_row<7>(src, cols, dst); }
+AFM_VECTORIZED_CLONES void quantize_bfp4_row(const float* src, int64_t cols, uint8_t* dst) { quantize_row<3>(src, cols, dst); }
 
 template <int MagBits>
 void dequantize_row(const uint8_t* src, int64_t cols, float* dst) {
@@ -85,9 +89,9 @@ int64_t block_float_row_bytes(WeightFormat format, int64_t cols) {
 void block_float_quantize_row(WeightFormat format, const float* src, int64_t cols, uint8_t* dst) {
   check_block_float(format);
   if (format == WeightFormat::BFP8) {
-    quantize_row<7>(src, cols, dst);
+    quantize_bfp8_row(src, cols, dst);
   } else {
-    quantize_row<3>(src, cols, dst);
+    quantize_bfp4_row(src, cols, dst);
   }
 }
 

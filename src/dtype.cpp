@@ -5,6 +5,7 @@
 
 #include "error.h"
 #include "ggml_quants.h"
+#include "multiversion.h"
 #include "numeric.h"
 
 namespace afm {
@@ -52,7 +53,7 @@ BlockLayout dtype_block(DType dtype) {
 
 bool is_floating(DType dtype) { return dtype != DType::I64 && dtype != DType::I32; }
 
-void floats_to_f32(DType dtype, const uint8_t* src, int64_t n, float* dst) {
+AFM_VECTORIZED_CLONES void floats_to_f32(DType dtype, const uint8_t* src, int64_t n, float* dst) {
   uint16_t h;
   switch (dtype) {
     case DType::F32: std::memcpy(dst, src, size_t(n) * 4); return;

@@ -7,6 +7,8 @@
 
 #include "error.h"
 #include "numeric.h"
+#include "multiversion.h"
+#include "parallel_for.h"
 #include "gguf_model.h"
 #include "model_files.h"
 #include "models/decoder.h"
@@ -59,6 +61,18 @@ const TensorView& WeightLoader::fetch(const std::string& name, std::vector<int64
   return view;
 }
 
+// data[i] for i in [begin, end): spread * uniform(-1, 1), or 1 where spread is 0 (norm weights).
+AFM_VECTORIZED_CLONES static void fill_random_bf16(uint16_t* data, int64_t begin, int64_t end, uint64_t key,
+                                                   float spread) {
+  for (int64_t i = begin; i < end; i++) {
+    uint64_t z = key + uint64_t(i) * 0x9E3779B97F4A7C15ull;  // splitmix64 of the index
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    const float uniform = float((z ^ (z >> 31)) >> 40) * 0x1p-24f * 2 - 1;
+    data[i] = f32_to_bf16(spread == 0 ? 1.0f : spread * uniform);
+  }
+}
+
 const TensorView& WeightLoader::make_random(const std::string& name, std::vector<int64_t> shape) {
   if (auto it = random_.find(name); it != random_.end()) return it->second;  // tied weights share
   TensorView view;
@@ -67,13 +81,13 @@ const TensorView& WeightLoader::make_random(const std::string& name, std::vector
   view.shape = shape;
   view.nbytes = view.numel() * 2;
   auto data = std::shared_ptr<uint16_t[]>(new uint16_t[view.numel()]);
-  // Uniform noise with the spread of HF's initializer (std 0.02); norm weights are ones.
-  uint64_t state = *checkpoint_.random_seed() ^ std::hash<std::string>{}(name);
-  for (int64_t i = 0; i < view.numel(); i++) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    const float uniform = float(state >> 40) * 0x1p-24f * 2 - 1;
-    data[i] = f32_to_bf16(shape.size() == 1 ? 1.0f : 0.0346f * uniform);
-  }
+  // Uniform noise with the spread of HF's initializer (std 0.02); norm weights are ones. Each
+  // value is a hash of its index (splitmix64), so threads fill their ranges independently and
+  // the result does not depend on how many there are.
+  const uint64_t key = *checkpoint_.random_seed() ^ std::hash<std::string>{}(name);
+  const float spread = shape.size() == 1 ? 0.0f : 0.0346f;
+  parallel_for(view.numel(), 1 << 16,
+               [&](int64_t begin, int64_t end) { fill_random_bf16(data.get(), begin, end, key, spread); });
   view.data = reinterpret_cast<const uint8_t*>(data.get());
   view.owner = data;
   return random_.emplace(name, std::move(view)).first->second;

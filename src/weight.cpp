@@ -2,13 +2,12 @@
 
 #include <algorithm>
 #include <cstring>
-#include <exception>
 #include <optional>
-#include <thread>
 
 #include "blockfloat.h"
 #include "error.h"
 #include "numeric.h"
+#include "parallel_for.h"
 
 namespace afm {
 
@@ -102,22 +101,7 @@ Weight make_weight(const TensorView& view, WeightFormat target) {
   };
   // Rows convert independently; a 4.6B-parameter model is worth every core at load. An error in
   // any thread (a non-finite weight) is rethrown here.
-  const int64_t num_threads =
-      std::clamp<int64_t>(std::thread::hardware_concurrency(), 1, std::max<int64_t>(1, w.rows / 64));
-  std::vector<std::exception_ptr> failures(num_threads);
-  std::vector<std::thread> threads;
-  for (int64_t t = 0; t < num_threads; t++) {
-    threads.emplace_back([&, t] {
-      try {
-        convert_rows(t * w.rows / num_threads, (t + 1) * w.rows / num_threads);
-      } catch (...) {
-        failures[t] = std::current_exception();
-      }
-    });
-  }
-  for (std::thread& t : threads) t.join();
-  for (const std::exception_ptr& failure : failures)
-    if (failure) std::rethrow_exception(failure);
+  parallel_for(w.rows, 64, convert_rows);
   w.data = buffer.get();
   w.owner = buffer;
   return w;
