@@ -227,6 +227,7 @@ GGUFFile GGUFFile::open(const std::string& path) {
                   " bytes): truncated file");
     view.data = mapped.data + data_start + info.offset;
     view.owner = mapped.owner;
+    view.file_mapped = true;
     ranges.emplace_back(info.offset, info.offset + view.nbytes);
     if (file.find_tensor(view.name)) throw Error(path + ": tensor " + view.name + " appears twice");
     file.tensors_.push_back(std::move(view));

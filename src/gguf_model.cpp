@@ -163,6 +163,7 @@ TensorView unpermute_rotary_rows(const TensorView& view, int64_t num_heads, cons
   TensorView out = view;
   out.data = buffer.get();
   out.owner = buffer;
+  out.file_mapped = false;
   return out;
 }
 

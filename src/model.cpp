@@ -94,11 +94,17 @@ const TensorView& WeightLoader::make_random(const std::string& name, std::vector
 }
 
 Weight WeightLoader::matrix(const std::string& name, int64_t rows, int64_t cols, WeightFormat format) {
-  return make_weight(fetch(name, {rows, cols}), format);
+  Weight w = make_weight(fetch(name, {rows, cols}), format);
+  // A made-up tensor lives on only in a Weight that points at it; converted, it can go (a tied
+  // weight asked for again is made again, with the same values).
+  random_.erase(name);
+  return w;
 }
 
 Weight WeightLoader::vector(const std::string& name, int64_t size) {
-  return make_weight(fetch(name, {size}), WeightFormat::F32);
+  Weight w = make_weight(fetch(name, {size}), WeightFormat::F32);
+  random_.erase(name);
+  return w;
 }
 
 void WeightLoader::check_all_used() const {

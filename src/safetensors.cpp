@@ -138,6 +138,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
         throw Error(where + ": " + std::to_string(view.nbytes) + " bytes do not hold shape " + view.describe());
       view.data = bytes + data_start + offsets[0];
       view.owner = mapped.owner;
+      view.file_mapped = true;
       file.tensors_.emplace(name, std::move(view));
     } catch (const json::exception& e) {
       throw Error(where + ": malformed entry: " + e.what());

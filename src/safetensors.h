@@ -27,6 +27,7 @@ struct TensorView {
   const uint8_t* data = nullptr;
   int64_t nbytes = 0;
   std::shared_ptr<const void> owner;  // the mapping; keeps `data` valid
+  bool file_mapped = false;           // data is a read-only mapping of a file (pages can be dropped)
 
   int64_t numel() const;
   std::string describe() const;  // "name [4104, 128] BF16"

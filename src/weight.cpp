@@ -1,5 +1,8 @@
 #include "weight.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
 #include <optional>
@@ -102,6 +105,14 @@ Weight make_weight(const TensorView& view, WeightFormat target) {
   // Rows convert independently; a 4.6B-parameter model is worth every core at load. An error in
   // any thread (a non-finite weight) is rethrown here.
   parallel_for(w.rows, 64, convert_rows);
+  // The file's pages of a converted tensor are not needed any more: drop them from this process
+  // (they stay in the page cache), so that loading peaks near the converted model's size.
+  if (view.file_mapped) {
+    const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+    const uintptr_t begin = (uintptr_t(view.data) + page - 1) / page * page;
+    const uintptr_t end = (uintptr_t(view.data) + uintptr_t(view.nbytes)) / page * page;
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+  }
   w.data = buffer.get();
   w.owner = buffer;
   return w;
