@@ -11,12 +11,19 @@
 namespace afm::cpu {
 
 // Kernel variants. Each is compiled without -march flags (per-function target attributes) and
-// picked at run time, so one binary runs everywhere and uses AVX2 where the CPU has it.
-enum class Isa { Scalar, Avx2 };  // Avx2 also requires FMA and F16C
+// picked at run time, so one binary runs everywhere and uses the widest SIMD the CPU has.
+// Avx2 also requires FMA and F16C; Avx512 is F + BW + VL + DQ on top of those.
+enum class Isa { Scalar, Avx2, Avx512 };
 
 bool isa_supported(Isa isa);  // on this CPU
+const char* isa_name(Isa isa);  // "scalar", "avx2", "avx512"
+
+// The ISA named by `requested` ("scalar", "avx2", "avx512"), or the widest supported one when it
+// is null or empty. Throws afm::Error for another name or one this CPU lacks.
+Isa choose_isa(const char* requested);
+// choose_isa(getenv("AFM_ISA")), read once: AFM_ISA=avx2 forces a narrower path for A/B
+// benchmarks and tests on a machine that has a wider one.
 Isa best_isa();
-const char* isa_name(Isa isa);
 
 constexpr int kMaxDotRows = 4;
 
