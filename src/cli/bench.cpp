@@ -1,14 +1,21 @@
-// afm bench: prefill and decode speed of a model, against the memory-bandwidth floor of decode.
-// With --config it builds random weights of that shape in memory, so AFM-4.5B can be measured
-// without its checkpoint.
+// afm bench: prefill and decode speed of a model, judged against the ceilings of the same machine
+// measured in the same run (backends/cpu/machine.h): decode against the memory-bandwidth floor,
+// prefill against the f32 FMA peak. With --config it builds random weights of that shape in
+// memory, so AFM-4.5B can be measured without its checkpoint.
+#include <sys/resource.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
 #include <thread>
 #include <vector>
 
+#include "backends/cpu/dot.h"
+#include "backends/cpu/machine.h"
 #include "cli/common.h"
 #include "error.h"
 
@@ -25,107 +32,268 @@ double seconds_since(Clock::time_point start) {
 struct BenchFlags {
   ModelFlags model;
   std::string config;
-  int prompt_tokens = 128, decode_tokens = 32;
+  std::vector<int64_t> prompt_lens{128, 512, 2048}, context_lens{0, 4096};
+  int64_t gen = 64;
   bool json_output = false;
 };
 
-// The decode floor: how fast this backend streams 1 GiB of f32 weights through a matrix-vector
-// product, far beyond the caches. A decode step must read every weight once, so its time is at
-// least the model's weight bytes over this rate.
-double streaming_gb_per_s(const ModelOptions& options) {
-  auto backend = make_backend(options.device, options.num_threads);
-  const int64_t rows = 16384, cols = 16384;
-  auto values = std::shared_ptr<float[]>(new float[rows * cols]);
-  std::fill_n(values.get(), rows * cols, 1e-3f);
-  Weight w;
-  w.rows = rows;
-  w.cols = cols;
-  w.row_bytes = cols * int64_t(sizeof(float));
-  w.data = reinterpret_cast<const uint8_t*>(values.get());
-  w.owner = values;
-  Tensor x = backend->tensor(1, cols), out = backend->tensor(1, rows);
-  std::fill_n(x.data, cols, 1.0f);
-  double best = 1e30;
-  for (int pass = 0; pass < 3; pass++) {
-    const auto start = Clock::now();
-    backend->linear(x, w, out);
-    best = std::min(best, seconds_since(start));
-  }
-  return double(w.bytes()) / best / 1e9;
+std::unique_ptr<Model> load(const BenchFlags& flags, int threads, int64_t max_seq_len) {
+  ModelOptions options = flags.model.options();
+  options.num_threads = threads;
+  options.max_seq_len = max_seq_len;
+  options.on_progress = progress_bar("loading weights", "layers");
+  auto model = flags.config.empty() ? build_model(flags.model.dir, options)
+                                    : build_model(load_config(flags.config), Checkpoint::random(1), options);
+  std::fprintf(stderr, "%s", progress_line_end());
+  return model;
 }
 
-void run(BenchFlags flags) {
-  if (flags.prompt_tokens < 1 || flags.decode_tokens < 1) throw Error("--prompt-tokens and --decode-tokens must be positive");
-  if (flags.model.max_seq_len == 0) flags.model.max_seq_len = flags.prompt_tokens + flags.decode_tokens;
-  const int num_threads = flags.model.threads > 0 ? flags.model.threads : int(std::thread::hardware_concurrency());
-  const double bandwidth = streaming_gb_per_s(flags.model.options());
-
-  const auto load_start = Clock::now();
-  std::unique_ptr<Model> model;
-  std::string source = flags.model.dir;
-  if (!flags.config.empty()) {
-    source = flags.config + " (random weights)";
-    ModelOptions options = flags.model.options();
-    model = build_model(load_config(flags.config), Checkpoint::random(1), options);
-  } else {
-    model = flags.model.build();
-  }
-  const double load_seconds = seconds_since(load_start);
-  const ModelConfig& c = model->config();
-
-  std::mt19937 rng(7);
+std::vector<int32_t> random_tokens(const ModelConfig& c, int64_t n) {
+  static std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> any_token(0, int32_t(c.vocab_size - 1));
-  std::vector<int32_t> prompt(flags.prompt_tokens), positions(flags.prompt_tokens);
-  for (int32_t& t : prompt) t = any_token(rng);
+  std::vector<int32_t> tokens(n);
+  for (int32_t& t : tokens) t = any_token(rng);
+  return tokens;
+}
+
+// Seconds of one prefill of `len` tokens into an empty cache (logits of the last position only,
+// as generate computes them).
+double time_prefill(Model& model, int64_t len) {
+  const std::vector<int32_t> prompt = random_tokens(model.config(), len);
+  std::vector<int32_t> positions(len);
   std::iota(positions.begin(), positions.end(), 0);
+  auto cache = model.new_cache();
+  const auto start = Clock::now();
+  model.forward(prompt, positions, *cache, Logits::Last);
+  return seconds_since(start);
+}
 
-  auto cache = model->new_cache();
-  const auto prefill_start = Clock::now();
-  Tensor logits = model->forward(prompt, positions, *cache, Logits::Last);
-  const double prefill_seconds = seconds_since(prefill_start);
-
-  const auto decode_start = Clock::now();
-  for (int step = 0; step < flags.decode_tokens; step++) {
-    const int32_t token = int32_t(std::max_element(logits.data, logits.data + logits.cols) - logits.data);
+// Seconds of `gen` decode steps after a cache that already holds `context` positions. The cache
+// is filled with random keys and values instead of a `context`-token prefill: a decode step's
+// time depends on how many positions it reads, not on what they hold, and a 4,096-token prefill
+// of AFM-4.5B would take minutes on a small machine.
+double time_decode(Model& model, int64_t context, int64_t gen) {
+  auto cache = model.new_cache();
+  cache->reserve(context);
+  const KVShape& s = cache->shape();
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> value(-1.0f, 1.0f);
+  for (int64_t layer = 0; layer < s.num_layers; layer++)
+    for (int64_t head = 0; head < s.num_kv_heads; head++)
+      for (int64_t pos = 0; pos < context; pos++) {
+        std::generate_n(cache->key(layer, head, pos), s.head_dim, [&] { return value(rng); });
+        std::generate_n(cache->value(layer, head, pos), s.head_dim, [&] { return value(rng); });
+      }
+  cache->set_length(context);
+  const std::vector<int32_t> tokens = random_tokens(model.config(), gen);
+  const auto start = Clock::now();
+  for (int64_t step = 0; step < gen; step++) {
     const int32_t position = int32_t(cache->length());
-    logits = model->forward({&token, 1}, {&position, 1}, *cache, Logits::Last);
+    model.forward({&tokens[step], 1}, {&position, 1}, *cache, Logits::Last);
   }
-  const double decode_seconds = seconds_since(decode_start);
+  return seconds_since(start);
+}
 
-  const double ms_per_token = 1e3 * decode_seconds / flags.decode_tokens;
-  const double floor_ms = 1e3 * double(model->matmul_weight_bytes()) / (bandwidth * 1e9);
+// The median of up to 3 runs of `timed` (which returns its seconds): repeated while the runs so
+// far took under 10 s, so cheap measurements are steadied and expensive ones run once.
+struct Timing {
+  double seconds = 0;
+  int runs = 0;
+};
+Timing median_of_runs(const std::function<double()>& timed) {
+  std::vector<double> runs;
+  double total = 0;
+  while (runs.size() < 3 && (runs.empty() || total < 10)) total += runs.emplace_back(timed());
+  std::sort(runs.begin(), runs.end());
+  return {runs[runs.size() / 2], int(runs.size())};
+}
+
+// FLOPs of one prefill of `len` tokens: 2 per multiply-add of every layer's matmuls for each
+// token, of lm_head once (only the last position's logits), and of causal attention (q·k and p·v
+// of each query over the positions up to its own).
+double prefill_flops(const ModelConfig& c, int64_t len) {
+  const double hidden = double(c.hidden_size), q_width = double(c.num_heads * c.head_dim),
+               kv_width = double(c.num_kv_heads * c.head_dim);
+  const double mlp_matrices = c.hidden_act == "relu2" ? 2 : 3;  // up, down (+ gate for SwiGLU)
+  const double per_token = hidden * (2 * q_width + 2 * kv_width) + mlp_matrices * hidden * double(c.intermediate_size);
+  const double attention = 2 * q_width * double(len) * double(len + 1) / 2;
+  return 2 * (double(c.num_layers) * (double(len) * per_token + attention) + double(c.vocab_size) * hidden);
+}
+
+// Bytes one decode step at cache length L reads: every matmul weight once, and the f32 keys and
+// values of its L + 1 positions (each once per GQA group). Averaged over the `gen` timed steps,
+// which run at L = context .. context + gen - 1.
+double decode_bytes_per_token(const ModelConfig& c, int64_t weight_bytes, int64_t context, int64_t gen) {
+  const double kv_per_position = double(c.num_layers * 2 * c.num_kv_heads * c.head_dim * int64_t(sizeof(float)));
+  return double(weight_bytes) + kv_per_position * (double(context) + double(gen + 1) / 2);
+}
+
+double peak_rss_GB() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return double(usage.ru_maxrss) * 1024 / 1e9;  // ru_maxrss is in KiB on Linux
+}
+
+void check_lengths(const std::vector<int64_t>& lens, const char* flag, int64_t min) {
+  if (lens.empty()) throw Error(std::string(flag) + " needs at least one length");
+  for (int64_t n : lens)
+    if (n < min || n > INT32_MAX)
+      throw Error(std::string(flag) + " lengths must be " + (min > 0 ? "positive" : "0 or more") + ", got " + std::to_string(n));
+}
+
+// Prefill at the smallest prompt length and decode at the first context length: the pair that
+// the 1-thread run repeats for scaling.
+struct SpeedPair {
+  double prefill_tok_per_s = 0, decode_tok_per_s = 0;
+};
+
+void run(BenchFlags flags) {
+  check_lengths(flags.prompt_lens, "--prompt-lens", 1);
+  check_lengths(flags.context_lens, "--context-lens", 0);
+  if (flags.gen < 1) throw Error("--gen must be positive, got " + std::to_string(flags.gen));
+  if (flags.model.threads < 0) throw Error("--threads must be positive (or 0 for all cores)");
+  const int threads = flags.model.threads > 0 ? flags.model.threads : int(std::thread::hardware_concurrency());
+  const int64_t smallest_prompt = *std::min_element(flags.prompt_lens.begin(), flags.prompt_lens.end());
+  const int64_t max_seq_len = flags.model.max_seq_len > 0 ? flags.model.max_seq_len
+      : std::max(*std::max_element(flags.prompt_lens.begin(), flags.prompt_lens.end()),
+                 *std::max_element(flags.context_lens.begin(), flags.context_lens.end()) + flags.gen);
+  const std::string source = flags.config.empty() ? flags.model.dir : flags.config + " (random weights)";
+
+  // The model at N threads: load, warm up (first touch of every weight page, threads started),
+  // then the timed runs.
+  const auto load_start = Clock::now();
+  auto model = load(flags, threads, max_seq_len);
+  const double load_s = seconds_since(load_start);
+  const ModelConfig c = model->config();
+  const int64_t weight_bytes = model->matmul_weight_bytes();
+  const std::string weights = format_name(model->weight_format());
+  std::fprintf(stderr, "loaded %s (%s, %s weights) in %.2f s; warming up\n", source.c_str(), c.architecture.c_str(),
+               weights.c_str(), load_s);
+  auto warm_up = [&](Model& m) {
+    time_prefill(m, std::min<int64_t>(smallest_prompt, 16));
+    time_decode(m, 0, 2);
+  };
+  warm_up(*model);
+
+  std::vector<Timing> prefill, decode;
+  for (int64_t len : flags.prompt_lens) {
+    prefill.push_back(median_of_runs([&] { return time_prefill(*model, len); }));
+    std::fprintf(stderr, "prefill %ld tokens: %.2f tok/s\n", long(len), len / prefill.back().seconds);
+  }
+  for (int64_t context : flags.context_lens) {
+    decode.push_back(median_of_runs([&] { return time_decode(*model, context, flags.gen); }));
+    std::fprintf(stderr, "decode at context %ld: %.2f tok/s\n", long(context), flags.gen / decode.back().seconds);
+  }
+  const double rss_GB = peak_rss_GB();
+  const size_t smallest = size_t(std::min_element(flags.prompt_lens.begin(), flags.prompt_lens.end()) -
+                                 flags.prompt_lens.begin());
+  const SpeedPair at_n{smallest_prompt / prefill[smallest].seconds, flags.gen / decode[0].seconds};
+
+  // The same pair at 1 thread, from a fresh 1-thread model (a backend's thread count is fixed).
+  SpeedPair at_1 = at_n;
+  if (threads > 1) {
+    model.reset();
+    std::fprintf(stderr, "scaling: reloading with 1 thread\n");
+    model = load(flags, 1, max_seq_len);
+    warm_up(*model);
+    at_1.prefill_tok_per_s = smallest_prompt / median_of_runs([&] { return time_prefill(*model, smallest_prompt); }).seconds;
+    at_1.decode_tok_per_s = flags.gen / median_of_runs([&] { return time_decode(*model, flags.context_lens[0], flags.gen); }).seconds;
+  }
+
+  // The machine's ceilings at the same thread count, measured last so their 2 GiB buffer neither
+  // counts in the peak RSS nor shares memory with the model.
+  std::fprintf(stderr, "measuring the machine: read bandwidth, f32 FMA and int8 dot peaks\n");
+  model.reset();
+  cpu::ThreadPool pool(threads);
+  const double bandwidth = cpu::read_bandwidth_GBps(pool);
+  const cpu::Peak fma = cpu::f32_fma_peak(pool), int8 = cpu::int8_dot_peak(pool);
+
   nlohmann::json out = {
-      {"model", source}, {"architecture", c.architecture}, {"weights", format_name(model->weight_format())},
-      {"threads", num_threads}, {"load_s", load_seconds}, {"prompt_tokens", flags.prompt_tokens},
-      {"prefill_tokens_per_s", flags.prompt_tokens / prefill_seconds}, {"ttft_ms", 1e3 * prefill_seconds},
-      {"decode_tokens", flags.decode_tokens}, {"decode_tokens_per_s", flags.decode_tokens / decode_seconds},
-      {"decode_ms_per_token", ms_per_token}, {"weight_bytes_per_token", model->matmul_weight_bytes()},
-      {"streaming_gb_per_s", bandwidth}, {"decode_floor_ms_per_token", floor_ms},
-      {"decode_fraction_of_floor", floor_ms / ms_per_token}};
+      {"model", source}, {"architecture", c.architecture}, {"weights", weights}, {"threads", threads},
+      {"kernel_isa", cpu::isa_name(cpu::best_isa())}, {"load_s", load_s}, {"rss_GB", rss_GB},
+      {"bandwidth_GBps", bandwidth},
+      {"compute_peak_GFLOPs", fma.all_threads}, {"compute_peak_per_thread_GFLOPs", fma.per_thread},
+      {"compute_isa", fma.isa}, {"int8_peak_GOPs", int8.all_threads}, {"int8_peak_per_thread_GOPs", int8.per_thread},
+      {"int8_isa", int8.isa}, {"matmul_weight_bytes", weight_bytes}, {"gen", flags.gen}};
+  for (size_t i = 0; i < flags.prompt_lens.size(); i++) {
+    const std::string key = std::to_string(flags.prompt_lens[i]);
+    const double tok_per_s = flags.prompt_lens[i] / prefill[i].seconds;
+    const double gflops = prefill_flops(c, flags.prompt_lens[i]) / prefill[i].seconds / 1e9;
+    out["prefill_tok_per_s"][key] = tok_per_s;
+    out["prefill_GFLOPs"][key] = gflops;
+    out["prefill_pct_of_peak"][key] = 100 * gflops / fma.all_threads;
+    out["prefill_runs"][key] = prefill[i].runs;
+  }
+  struct DecodeRow {
+    int64_t context;
+    double bytes, tok_per_s, floor, pct;
+  };
+  std::vector<DecodeRow> rows;
+  for (size_t i = 0; i < flags.context_lens.size(); i++) {
+    DecodeRow r{flags.context_lens[i], decode_bytes_per_token(c, weight_bytes, flags.context_lens[i], flags.gen),
+                flags.gen / decode[i].seconds, 0, 0};
+    r.floor = bandwidth * 1e9 / r.bytes;
+    r.pct = 100 * r.tok_per_s / r.floor;
+    rows.push_back(r);
+    out["decode"][std::to_string(r.context)] = {{"bytes_per_token", r.bytes}, {"tok_per_s", r.tok_per_s},
+                                                {"floor_tok_per_s", r.floor}, {"pct_of_floor", r.pct},
+                                                {"runs", decode[i].runs}};
+  }
+  // The headline decode figures: at the first --context-lens.
+  out["decode_context_len"] = rows[0].context;
+  out["bytes_per_token"] = rows[0].bytes;
+  out["decode_tok_per_s"] = rows[0].tok_per_s;
+  out["floor_tok_per_s"] = rows[0].floor;
+  out["decode_pct_of_floor"] = rows[0].pct;
+  const std::string n = std::to_string(threads);
+  out["scaling"] = {{"prompt_len", smallest_prompt}, {"context_len", flags.context_lens[0]},
+                    {"prefill_tok_per_s", {{"1", at_1.prefill_tok_per_s}, {n, at_n.prefill_tok_per_s}}},
+                    {"decode_tok_per_s", {{"1", at_1.decode_tok_per_s}, {n, at_n.decode_tok_per_s}}}};
   if (flags.json_output) {
     std::printf("%s\n", out.dump(1).c_str());
     return;
   }
-  std::printf("model %s: %s, %s weights, %d threads, loaded in %.1f s\n", source.c_str(), c.architecture.c_str(),
-              format_name(model->weight_format()).c_str(), num_threads, load_seconds);
-  std::printf("prefill: %d tokens in %.1f ms = %.1f tokens/s (TTFT)\n", flags.prompt_tokens, 1e3 * prefill_seconds,
-              flags.prompt_tokens / prefill_seconds);
-  std::printf("decode:  %d tokens, %.2f ms/token = %.2f tokens/s per user\n", flags.decode_tokens, ms_per_token,
-              1e3 / ms_per_token);
-  std::printf("floor:   %.1f MB of weights per token at %.1f GB/s (f32 weights streamed) = %.2f ms/token; decode runs at %.0f%% of its speed\n",
-              model->matmul_weight_bytes() / 1e6, bandwidth, floor_ms, 100 * floor_ms / ms_per_token);
+
+  std::printf("model    %s: %s, %s weights, %d threads (afm kernels: %s)\n", source.c_str(), c.architecture.c_str(),
+              weights.c_str(), threads, cpu::isa_name(cpu::best_isa()));
+  std::printf("load     %.2f s, peak RSS %.2f GB\n", load_s, rss_GB);
+  std::printf("machine  streaming read %.1f GB/s; f32 FMA peak %.1f GFLOP/s (%s, %.1f per thread); int8 dot peak "
+              "%.1f GOP/s (%s, %.1f per thread)\n",
+              bandwidth, fma.all_threads, fma.isa.c_str(), fma.per_thread, int8.all_threads, int8.isa.c_str(),
+              int8.per_thread);
+  std::printf("\nprefill  (median of runs after a warm-up; FLOPs = 2 x multiply-adds of the matmuls per token, lm_head\n"
+              "         once, causal attention included; %% of the f32 FMA peak, as afm's matmuls accumulate in f32)\n");
+  std::printf("  %8s %10s %10s %8s %5s\n", "prompt", "tok/s", "GFLOP/s", "% peak", "runs");
+  for (size_t i = 0; i < flags.prompt_lens.size(); i++) {
+    const std::string key = std::to_string(flags.prompt_lens[i]);
+    std::printf("  %8ld %10.2f %10.2f %7.1f%% %5d\n", long(flags.prompt_lens[i]), out["prefill_tok_per_s"][key].get<double>(),
+                out["prefill_GFLOPs"][key].get<double>(), out["prefill_pct_of_peak"][key].get<double>(), prefill[i].runs);
+  }
+  std::printf("\ndecode   (%ld steps after a cache of `context` random keys/values; bytes/token = matmul weights + the\n"
+              "         f32 KV read; floor = bandwidth / bytes)\n", long(flags.gen));
+  std::printf("  %8s %10s %10s %10s %12s %8s %5s\n", "context", "tok/s", "ms/token", "MB/token", "floor tok/s",
+              "% floor", "runs");
+  for (size_t i = 0; i < rows.size(); i++)
+    std::printf("  %8ld %10.2f %10.2f %10.1f %12.2f %7.1f%% %5d\n", long(rows[i].context), rows[i].tok_per_s,
+                1e3 / rows[i].tok_per_s, rows[i].bytes / 1e6, rows[i].floor, rows[i].pct, decode[i].runs);
+  std::printf("\nscaling  1 -> %d threads: prefill %ld tokens %.2f -> %.2f tok/s (%.2fx), decode at context %ld "
+              "%.2f -> %.2f tok/s (%.2fx)\n",
+              threads, long(smallest_prompt), at_1.prefill_tok_per_s, at_n.prefill_tok_per_s,
+              at_n.prefill_tok_per_s / at_1.prefill_tok_per_s, long(flags.context_lens[0]), at_1.decode_tok_per_s,
+              at_n.decode_tok_per_s, at_n.decode_tok_per_s / at_1.decode_tok_per_s);
 }
 
 }  // namespace
 
 void add_bench_command(CLI::App& app) {
   auto flags = std::make_shared<BenchFlags>();
-  CLI::App* cmd = app.add_subcommand("bench", "time prefill and decode against the memory-bandwidth floor");
+  CLI::App* cmd = app.add_subcommand("bench", "time prefill and decode against this machine's bandwidth and compute peak");
   flags->model.add_to(*cmd);
   cmd->add_option("--config", flags->config, "a config.json: benchmark random weights of its shape")
       ->excludes(cmd->get_option("--model"));
-  cmd->add_option("--prompt-tokens", flags->prompt_tokens, "prompt length for the prefill")->capture_default_str();
-  cmd->add_option("--decode-tokens", flags->decode_tokens, "decode steps to time")->capture_default_str();
+  cmd->add_option("--prompt-lens", flags->prompt_lens, "prompt lengths to time prefill at")->delimiter(',')->capture_default_str();
+  cmd->add_option("--gen", flags->gen, "decode steps to time at each context length")->capture_default_str();
+  cmd->add_option("--context-lens", flags->context_lens, "cache lengths to time decode at")->delimiter(',')->capture_default_str();
   cmd->add_flag("--json", flags->json_output, "print one JSON object");
   cmd->callback([flags] { run(*flags); });
 }
