@@ -65,10 +65,7 @@ const TensorView& WeightLoader::fetch(const std::string& name, std::vector<int64
 AFM_VECTORIZED_CLONES static void fill_random_bf16(uint16_t* data, int64_t begin, int64_t end, uint64_t key,
                                                    float spread) {
   for (int64_t i = begin; i < end; i++) {
-    uint64_t z = key + uint64_t(i) * 0x9E3779B97F4A7C15ull;  // splitmix64 of the index
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    const float uniform = float((z ^ (z >> 31)) >> 40) * 0x1p-24f * 2 - 1;
+    const float uniform = float(mix64(key + uint64_t(i) * kGolden) >> 40) * 0x1p-24f * 2 - 1;
     data[i] = f32_to_bf16(spread == 0 ? 1.0f : spread * uniform);
   }
 }

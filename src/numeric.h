@@ -45,4 +45,13 @@ inline float f16_to_f32(uint16_t h) {
   return f;
 }
 
+// splitmix64's output function: a counter hashed to 64 well-mixed bits. Random weights use
+// mix64(key + i * kGolden) for value i, so any range can be made on its own, on any thread.
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;
+
 }  // namespace afm

@@ -76,16 +76,8 @@ std::vector<TensorEntry> checkpoint_tensors(const ModelConfig& c, bool gated_mlp
   return t;
 }
 
-// splitmix64's output function. Value pair j of a tensor comes from mix64(key + j * golden), a
-// counter rather than a running state, so any range of any tensor can be generated on its own:
-// the bytes depend on the seed and the tensor's name only, not on threads or chunking.
-uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;
-
+// Value pair j of a tensor comes from mix64(key + j * kGolden) (src/numeric.h): the bytes depend
+// on the seed and the tensor's name only, not on threads or chunking.
 uint64_t tensor_key(uint64_t seed, const std::string& name) {
   uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a: stable across compilers, unlike std::hash
   for (unsigned char ch : name) h = (h ^ ch) * 0x100000001b3ull;
