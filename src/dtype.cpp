@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string>
 
+#include "blockfloat.h"
 #include "error.h"
 #include "ggml_quants.h"
 #include "multiversion.h"
@@ -27,6 +28,8 @@ const char* dtype_name(DType dtype) {
     case DType::Q4_K: return "Q4_K";
     case DType::Q5_K: return "Q5_K";
     case DType::Q6_K: return "Q6_K";
+    case DType::BFP8: return "AFM_BFP8";
+    case DType::BFP4: return "AFM_BFP4";
   }
   return "?";
 }
@@ -47,8 +50,15 @@ BlockLayout dtype_block(DType dtype) {
     case DType::Q4_K: return {256, 144};
     case DType::Q5_K: return {256, 176};
     case DType::Q6_K: return {256, 210};
+    case DType::BFP8: return {16, 17};  // its exponent byte and 16 int8 magnitudes
+    case DType::BFP4: return {16, 9};
   }
   return {};
+}
+
+int64_t dtype_row_bytes(DType dtype, int64_t cols) {
+  const BlockLayout block = dtype_block(dtype);
+  return (cols + block.values - 1) / block.values * block.bytes;
 }
 
 bool is_floating(DType dtype) { return dtype != DType::I64 && dtype != DType::I32; }
@@ -61,6 +71,8 @@ AFM_VECTORIZED_CLONES void floats_to_f32(DType dtype, const uint8_t* src, int64_
     case DType::F16: for (int64_t i = 0; i < n; i++) std::memcpy(&h, src + 2 * i, 2), dst[i] = f16_to_f32(h); return;
     case DType::I64: case DType::I32:
       throw Error(std::string("expected a floating-point dtype, got ") + dtype_name(dtype));
+    case DType::BFP8: block_float_dequantize_row(WeightFormat::BFP8, src, n, dst); return;
+    case DType::BFP4: block_float_dequantize_row(WeightFormat::BFP4, src, n, dst); return;
     default: dequantize_ggml(dtype, src, n, dst); return;
   }
 }

@@ -21,12 +21,9 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 static DType parse_dtype(const std::string& name, const std::string& where) {
-  if (name == "F32") return DType::F32;
-  if (name == "F16") return DType::F16;
-  if (name == "BF16") return DType::BF16;
-  if (name == "I64") return DType::I64;
-  if (name == "I32") return DType::I32;
-  throw Error(where + ": unsupported dtype " + name + " (supported: F32, F16, BF16, I64, I32)");
+  for (DType d : {DType::F32, DType::F16, DType::BF16, DType::I64, DType::I32, DType::BFP8, DType::BFP4})
+    if (name == dtype_name(d)) return d;
+  throw Error(where + ": unsupported dtype " + name + " (supported: F32, F16, BF16, I64, I32, and afm convert's AFM_BFP8, AFM_BFP4)");
 }
 
 int64_t TensorView::numel() const {
@@ -44,7 +41,8 @@ std::string TensorView::describe() const {
 std::vector<float> TensorView::to_f32() const {
   if (!is_floating(dtype)) throw Error(describe() + ": expected a floating-point tensor");
   std::vector<float> out(numel());
-  floats_to_f32(dtype, data, numel(), out.data());
+  const int64_t cols = shape.empty() ? 1 : shape.back(), row_bytes = dtype_row_bytes(dtype, cols);
+  for (int64_t r = 0; cols && r < numel() / cols; r++) floats_to_f32(dtype, data + r * row_bytes, cols, &out[r * cols]);
   return out;
 }
 
@@ -128,10 +126,12 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
       if (offsets[1] > data_size)
         throw Error(where + " ends at byte " + std::to_string(offsets[1]) + " but the file has only " +
                     std::to_string(data_size) + " data bytes: truncated file");
-      // The element count times the dtype size must equal the byte range, without overflowing.
-      int64_t expected_bytes = dtype_block(view.dtype).bytes;
+      // The rows times the row size must equal the byte range, without overflowing.
       for (int64_t d : view.shape)
-        if (d < 0 || __builtin_mul_overflow(expected_bytes, d, &expected_bytes))
+        if (d < 0 || d > (int64_t(1) << 48)) throw Error(where + ": impossible shape " + view.describe());
+      int64_t expected_bytes = dtype_row_bytes(view.dtype, view.shape.empty() ? 1 : view.shape.back());
+      for (size_t i = 0; i + 1 < view.shape.size(); i++)
+        if (__builtin_mul_overflow(expected_bytes, view.shape[i], &expected_bytes))
           throw Error(where + ": impossible shape " + view.describe());
       view.nbytes = int64_t(offsets[1] - offsets[0]);
       if (view.nbytes != expected_bytes)

@@ -15,12 +15,9 @@ namespace afm {
 using json = nlohmann::json;
 
 int64_t TensorEntry::nbytes() const {
-  const BlockLayout block = dtype_block(dtype);
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  if (n % block.values != 0)
-    throw Error("tensor " + name + ": " + std::to_string(n) + " values do not fill whole " + dtype_name(dtype) + " blocks");
-  return n / block.values * block.bytes;
+  int64_t n = dtype_row_bytes(dtype, shape.empty() ? 1 : shape.back());
+  for (size_t i = 0; i + 1 < shape.size(); i++) n *= shape[i];
+  return n;
 }
 
 SafetensorsWriter::SafetensorsWriter(const std::string& path, const std::vector<TensorEntry>& tensors) : path_(path) {

@@ -38,6 +38,8 @@ static std::optional<WeightFormat> stored_format(const TensorView& view) {
     case DType::F32: return WeightFormat::F32;
     case DType::F16: return WeightFormat::F16;
     case DType::BF16: return WeightFormat::BF16;
+    case DType::BFP8: return WeightFormat::BFP8;
+    case DType::BFP4: return WeightFormat::BFP4;
     case DType::I64: case DType::I32: throw Error(view.describe() + ": weights must be floating-point");
     default: return std::nullopt;
   }
@@ -78,9 +80,9 @@ Weight make_weight(const TensorView& view, WeightFormat target) {
     w.owner = view.owner;
     return w;
   }
-  // Block-quantized rows are dequantized (exactly as ggml does) and then stored in the target.
-  const BlockLayout block = dtype_block(view.dtype);
-  const int64_t source_row_bytes = w.cols / block.values * block.bytes;
+  // Block-quantized rows are dequantized (exactly as ggml or blockfloat.h do) and then stored in
+  // the target.
+  const int64_t source_row_bytes = dtype_row_bytes(view.dtype, w.cols);
 
   w.format = target;
   w.row_bytes = row_bytes(target, w.cols);

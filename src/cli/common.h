@@ -39,6 +39,7 @@ void add_eval_command(CLI::App& app);
 void add_generate_commands(CLI::App& app);  // generate and chat
 void add_tokenize_commands(CLI::App& app);  // tokenize and detokenize
 void add_bench_command(CLI::App& app);
+void add_convert_command(CLI::App& app);  // reduced-format weights written ahead of loading
 void add_init_command(CLI::App& app);        // a random-weight checkpoint of a config's shape
 void add_perplexity_command(CLI::App& app);  // sliding-window perplexity of a text file
 void add_template_command(CLI::App& app);    // the prompt a chat template renders

@@ -1,8 +1,6 @@
 // afm init: a random-weight checkpoint of a config's shape, in HF's layout, so benchmarks and
 // tests load real files of AFM-4.5B's size without its weights. It streams: generation and
 // writing go a chunk at a time, so a 9 GB checkpoint is written in about 70 MB of memory.
-#include <stdlib.h>
-#include <sys/stat.h>
 
 #include <bit>
 #include <chrono>
@@ -16,6 +14,7 @@
 #include <vector>
 
 #include "backends/cpu/thread_pool.h"
+#include "cli/checkpoint_folder.h"
 #include "cli/common.h"
 #include "error.h"
 #include "numeric.h"
@@ -194,32 +193,6 @@ void write_tensor(ChunkWriter& writer, const TensorEntry& t, uint64_t seed, cpu:
   }
 }
 
-// Where the checkpoint is written before it is renamed to --out, so an interrupted run leaves
-// only a folder named DIR.partial-XXXXXX, never one that looks like a complete checkpoint.
-fs::path make_partial_dir(const fs::path& out, bool force) {
-  std::error_code ec;
-  if (fs::exists(out, ec)) {
-    if (!fs::is_directory(out)) throw Error(out.string() + " exists and is not a folder");
-    if (!fs::is_empty(out) && !force) throw Error(out.string() + " is not empty (--force replaces it)");
-  }
-  const fs::path parent = out.parent_path().empty() ? fs::path(".") : out.parent_path();
-  fs::create_directories(parent, ec);
-  if (ec) throw Error("cannot create " + parent.string() + ": " + ec.message());
-  std::string pattern = (parent / (out.filename().string() + ".partial-XXXXXX")).string();
-  if (!mkdtemp(pattern.data())) throw Error("cannot write to " + parent.string() + ": " + std::strerror(errno));
-  // mkdtemp makes it private (0700); a checkpoint folder gets the usual permissions.
-  const mode_t mask = umask(0);
-  umask(mask);
-  chmod(pattern.c_str(), 0777 & ~mask);
-  return pattern;
-}
-
-void write_text(const fs::path& path, const std::string& text) {
-  std::ofstream file(path, std::ios::binary);
-  file << text;
-  if (!file.flush()) throw Error("cannot write " + path.string());
-}
-
 void run(const InitFlags& flags) {
   if (!fs::is_regular_file(flags.config)) throw Error("config not found: " + flags.config);
   const std::string config_text = read_file(flags.config);
@@ -234,47 +207,30 @@ void run(const InitFlags& flags) {
       parameters += t.nbytes() / dtype_block(t.dtype).bytes;
     }
 
-  fs::path out = fs::path(flags.out).lexically_normal();
-  if (!out.has_filename()) out = out.parent_path();  // "DIR/"
-  const fs::path partial = make_partial_dir(out, flags.force);
-  try {
-    std::error_code ec;
-    const fs::space_info space = fs::space(partial, ec);
-    if (!ec && space.available < uint64_t(total_bytes))
-      throw Error(out.string() + ": " + std::to_string(total_bytes / 1000000) + " MB of weights do not fit in the " +
-                  std::to_string(space.available / 1000000) + " MB free there");
-    const auto start = std::chrono::steady_clock::now();
-    write_text(partial / "config.json", config_text);
-    cpu::ThreadPool pool(0);
-    const size_t chunk_bytes = size_t(kChunkValues * dtype_block(dtype).bytes);
-    std::vector<uint8_t> buffers[2] = {std::vector<uint8_t>(chunk_bytes), std::vector<uint8_t>(chunk_bytes)};
-    const auto progress = progress_bar("writing " + out.filename().string(), "MB");
-    int64_t written = 0;
-    auto on_written = [&](int64_t bytes) {
-      written += bytes;
-      if (progress) progress(written >> 20, total_bytes >> 20);
-    };
-    for (size_t i = 0; i < shards.size(); i++) {
-      SafetensorsWriter file((partial / shard_file_name(i, shards.size())).string(), shards[i]);
-      ChunkWriter writer(file, buffers);
-      for (const TensorEntry& t : shards[i]) write_tensor(writer, t, flags.seed, pool, on_written);
-      writer.wait();
-      file.finish();
-    }
-    if (shards.size() > 1) write_text(partial / "model.safetensors.index.json", shard_index_json(shards));
-
-    if (fs::exists(out)) fs::remove_all(out);  // empty, or --force
-    fs::rename(partial, out);
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::fprintf(stderr, "%swrote %s: %s, %lld parameters, %.1f MB of %s in %zu shard%s, seed %llu, in %.1f s\n",
-                 progress_line_end(), out.c_str(), config.architecture.c_str(), (long long)parameters, total_bytes / 1e6,
-                 dtype_name(dtype), shards.size(), shards.size() > 1 ? "s" : "", (unsigned long long)flags.seed,
-                 seconds);
-  } catch (...) {
-    std::error_code ignored;
-    fs::remove_all(partial, ignored);
-    throw;
-  }
+  CheckpointFolder folder(flags.out, flags.force);
+  folder.check_space(uint64_t(total_bytes));
+  const auto start = std::chrono::steady_clock::now();
+  folder.write_text("config.json", config_text);
+  cpu::ThreadPool pool(0);
+  const size_t chunk_bytes = size_t(kChunkValues * dtype_block(dtype).bytes);
+  std::vector<uint8_t> buffers[2] = {std::vector<uint8_t>(chunk_bytes), std::vector<uint8_t>(chunk_bytes)};
+  const auto progress = progress_bar("writing " + folder.out().filename().string(), "MB");
+  int64_t written = 0;
+  auto on_written = [&](int64_t bytes) {
+    written += bytes;
+    if (progress) progress(written >> 20, total_bytes >> 20);
+  };
+  folder.write_shards(shards, [&](SafetensorsWriter& file, const TensorEntry& t) {
+    ChunkWriter writer(file, buffers);
+    write_tensor(writer, t, flags.seed, pool, on_written);
+    writer.wait();
+  });
+  folder.commit();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::fprintf(stderr, "%swrote %s: %s, %lld parameters, %.1f MB of %s in %zu shard%s, seed %llu, in %.1f s\n",
+               progress_line_end(), folder.out().c_str(), config.architecture.c_str(), (long long)parameters,
+               total_bytes / 1e6, dtype_name(dtype), shards.size(), shards.size() > 1 ? "s" : "",
+               (unsigned long long)flags.seed, seconds);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   afm::cli::add_tokenize_commands(app);
   afm::cli::add_perplexity_command(app);
   afm::cli::add_bench_command(app);
+  afm::cli::add_convert_command(app);
   afm::cli::add_init_command(app);
   afm::cli::add_template_command(app);
   try {
