@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "error.h"
+#include "tokenizer.h"
 
 namespace afm {
 
@@ -190,54 +191,10 @@ namespace {
 // Not ordered_json: its linear key search would make a 128k-token vocabulary quadratic to build.
 using json = nlohmann::json;
 
-// GPT-2's byte-level alphabet: printable Latin-1 bytes stand for themselves, the other 68 bytes
-// for U+0100 onwards in byte order. Byte-level vocabularies spell every token in it.
-struct ByteAlphabet {
-  uint32_t char_of[256];
-  ByteAlphabet() {
-    uint32_t next = 256;
-    for (uint32_t b = 0; b < 256; b++)
-      char_of[b] = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174 ? b : next++;
-  }
-  bool contains(uint32_t cp) const {
-    return cp < 256 ? char_of[cp] == cp : cp < 256 + 68;
-  }
-};
-
-void append_utf8(uint32_t cp, std::string& out) {
-  if (cp < 0x80) {
-    out += char(cp);
-  } else {  // the alphabet stays below U+0800
-    out += char(0xC0 | cp >> 6);
-    out += char(0x80 | (cp & 0x3F));
-  }
-}
-
-// Whether every character of `token` is in the alphabet (decoded as UTF-8; anything at or above
-// U+0800 or malformed is outside it).
-bool spelled_in_alphabet(std::string_view token, const ByteAlphabet& alphabet) {
-  for (size_t i = 0; i < token.size();) {
-    const unsigned char b = token[i];
-    uint32_t cp;
-    if (b < 0x80) {
-      cp = b, i += 1;
-    } else if ((b & 0xE0) == 0xC0 && i + 1 < token.size() && (token[i + 1] & 0xC0) == 0x80) {
-      cp = (b & 0x1Fu) << 6 | (token[i + 1] & 0x3Fu), i += 2;
-    } else {
-      return false;
-    }
-    if (!alphabet.contains(cp)) return false;
-  }
-  return true;
-}
-
-// transformers' GGUF tokenizer respells a token outside the alphabet (a raw " " or "\n", say)
-// from its UTF-8 bytes, so the vocabulary is all byte-level.
-std::string byte_level_spelling(std::string_view token, const ByteAlphabet& alphabet) {
-  if (spelled_in_alphabet(token, alphabet)) return std::string(token);
-  std::string out;
-  for (unsigned char b : token) append_utf8(alphabet.char_of[b], out);
-  return out;
+// transformers' GGUF tokenizer respells a token outside the byte-level alphabet (a raw " " or
+// "\n", say) from its UTF-8 bytes, so the vocabulary is all byte-level.
+std::string vocabulary_spelling(std::string_view token) {
+  return is_byte_level_spelled(token) ? std::string(token) : byte_level_spelling(token);
 }
 
 // Split patterns by tokenizer.ggml.pre, as transformers' GGUF loader pairs them; a type not
@@ -288,9 +245,8 @@ std::string gguf_tokenizer_json(const GGUFFile& file) {
     throw Error(source + ": tokenizer.ggml.token_type has " + std::to_string(types.size()) + " entries for " +
                 std::to_string(tokens.size()) + " tokens");
 
-  static const ByteAlphabet alphabet;
   json vocab = json::object();
-  for (size_t id = 0; id < tokens.size(); id++) vocab[byte_level_spelling(tokens[id], alphabet)] = id;
+  for (size_t id = 0; id < tokens.size(); id++) vocab[vocabulary_spelling(tokens[id])] = id;
 
   json merge_list = json::array();
   for (std::string_view m : merges) {
@@ -304,7 +260,7 @@ std::string gguf_tokenizer_json(const GGUFFile& file) {
   // llama.cpp mislabel); user-defined ones in the vocabulary become plain added tokens.
   json added = json::array();
   for (size_t id = 0; id < types.size(); id++) {
-    const bool control = types[id] == kControl && spelled_in_alphabet(tokens[id], alphabet);
+    const bool control = types[id] == kControl && is_byte_level_spelled(tokens[id]);
     const bool user = types[id] == kUserDefined && vocab.contains(std::string(tokens[id]));
     if (!control && !user) continue;
     added.push_back({{"id", id}, {"content", tokens[id]}, {"single_word", false}, {"lstrip", false},

@@ -1196,6 +1196,22 @@ bool Tokenizer::is_special(int32_t id) const {
   return id >= 0 && id < t.vocab_size && t.added_by_id[id] >= 0 && t.added[t.added_by_id[id]].special;
 }
 
+std::string byte_level_spelling(std::string_view bytes) {
+  const ByteLevelAlphabet& alphabet = byte_level();
+  std::string out;
+  for (unsigned char b : bytes) out.append(alphabet.utf8[b].data(), alphabet.utf8_len[b]);
+  return out;
+}
+
+bool is_byte_level_spelled(std::string_view text) {
+  if (!is_valid_utf8(text)) return false;
+  for (size_t i = 0; i < text.size(); i += char_len(text, i)) {
+    const uint32_t cp = decode_char(text, i);
+    if (cp >= byte_level().byte_of.size() || byte_level().byte_of[cp] < 0) return false;
+  }
+  return true;
+}
+
 void append_utf8_lossy(std::string_view bytes, std::string& out) {
   auto p = reinterpret_cast<const unsigned char*>(bytes.data());
   for (size_t i = 0; i < bytes.size();) {

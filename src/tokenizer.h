@@ -73,6 +73,12 @@ class StreamDecoder {
   std::string pending_;  // bytes of a character whose remaining bytes have not arrived yet
 };
 
+// GPT-2's byte-level alphabet, in which byte-level BPE vocabularies spell their tokens: `bytes`
+// with each byte written as its character, and whether `text` is already spelled in it (valid
+// UTF-8 made only of the alphabet's 256 characters).
+std::string byte_level_spelling(std::string_view bytes);
+bool is_byte_level_spelled(std::string_view text);
+
 // Appends `bytes` to `out` as UTF-8, replacing each ill-formed subsequence by U+FFFD exactly as
 // Rust's String::from_utf8_lossy (which HF's decoders use) does.
 void append_utf8_lossy(std::string_view bytes, std::string& out);

@@ -337,3 +337,15 @@ TEST(Tokenizer, LoadsLlama3Quickly) {
 }
 
 }  // namespace
+
+// GPT-2's alphabet as byte-level vocabularies spell tokens: space is Ġ (U+0120), newline Ċ
+// (U+010A), printable Latin-1 stands for itself, anything else is outside it.
+TEST(ByteLevelAlphabet, SpellingAndMembership) {
+  EXPECT_EQ(afm::byte_level_spelling(" \n"), "\u0120\u010A");
+  EXPECT_EQ(afm::byte_level_spelling("\xC3\xA9"), "\u00C3\u00A9");  // é's two UTF-8 bytes
+  EXPECT_TRUE(afm::is_byte_level_spelled("\u0120hello"));
+  EXPECT_TRUE(afm::is_byte_level_spelled("\u00E9"));
+  EXPECT_FALSE(afm::is_byte_level_spelled(" hello"));
+  EXPECT_FALSE(afm::is_byte_level_spelled("\u4E16"));
+  EXPECT_FALSE(afm::is_byte_level_spelled("\xFF"));
+}
