@@ -1,6 +1,8 @@
 #include "model_files.h"
 
 #include <filesystem>
+#include <fstream>
+#include <string_view>
 
 #include "error.h"
 #include "gguf_model.h"
@@ -9,7 +11,13 @@ namespace afm {
 
 namespace fs = std::filesystem;
 
-bool is_gguf_path(const std::string& path) { return path.ends_with(".gguf") && !fs::is_directory(path); }
+bool is_gguf_path(const std::string& path) {
+  if (fs::is_directory(path)) return false;
+  if (path.ends_with(".gguf")) return true;  // even when missing: then opening it says so
+  std::ifstream file(path, std::ios::binary);
+  char magic[4] = {};
+  return file.read(magic, 4) && std::string_view(magic, 4) == "GGUF";
+}
 
 static std::string in_folder(const std::string& dir, const char* name) {
   if (!fs::is_directory(dir)) throw Error("model not found: " + dir + " (expected an HF model folder or a .gguf file)");

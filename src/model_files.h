@@ -10,7 +10,8 @@
 
 namespace afm {
 
-bool is_gguf_path(const std::string& path);  // a file (not a folder) whose name ends in .gguf
+// A path named *.gguf (existing or not) or a file that starts with GGUF's magic; not a folder.
+bool is_gguf_path(const std::string& path);
 
 Tokenizer load_model_tokenizer(const std::string& model_path);
 ChatTemplate load_model_chat_template(const std::string& model_path);

@@ -116,6 +116,16 @@ void expect_matches_hf_reference(const std::string& fixture) {
 TEST(Gguf, LlamaWithLlama3RopeAndTiedEmbeddingsMatchesHf) { expect_matches_hf_reference("tiny-llama"); }
 TEST(Gguf, ArceeWithYarnMatchesHf) { expect_matches_hf_reference("tiny-arcee"); }
 
+TEST(Gguf, AFileIsKnownByItsMagicWhateverItsName) {
+  const std::string renamed = ::testing::TempDir() + "/tiny-llama-without-extension";
+  fs::copy_file(oracle_file("from-hf " + kFixtures + "/tiny-llama", "tiny-llama.gguf"), renamed,
+                fs::copy_options::overwrite_existing);
+  EXPECT_TRUE(afm::is_gguf_path(renamed));
+  EXPECT_EQ(afm::build_model(renamed)->config().architecture, "LlamaForCausalLM");
+  EXPECT_FALSE(afm::is_gguf_path(kFixtures + "/tiny-llama"));
+  EXPECT_FALSE(afm::is_gguf_path(kFixtures + "/tiny-llama/config.json"));
+}
+
 TEST(Gguf, ConfigComesFromTheMetadata) {
   const afm::GGUFFile file = afm::GGUFFile::open(oracle_file("from-hf " + kFixtures + "/tiny-arcee", "tiny-arcee.gguf"));
   const afm::ModelConfig c = afm::gguf_model_config(file);
