@@ -153,7 +153,9 @@ void run(BenchFlags flags) {
   if (flags.gen < 1) throw Error("--gen must be positive, got " + std::to_string(flags.gen));
   if (flags.model.threads < 0) throw Error("--threads must be positive (or 0 for all cores)");
   const int threads = flags.model.threads > 0 ? flags.model.threads : int(std::thread::hardware_concurrency());
-  const int64_t smallest_prompt = *std::min_element(flags.prompt_lens.begin(), flags.prompt_lens.end());
+  const size_t smallest = size_t(std::min_element(flags.prompt_lens.begin(), flags.prompt_lens.end()) -
+                                 flags.prompt_lens.begin());
+  const int64_t smallest_prompt = flags.prompt_lens[smallest];
   const int64_t max_seq_len = flags.model.max_seq_len > 0 ? flags.model.max_seq_len
       : std::max(*std::max_element(flags.prompt_lens.begin(), flags.prompt_lens.end()),
                  *std::max_element(flags.context_lens.begin(), flags.context_lens.end()) + flags.gen);
@@ -185,8 +187,6 @@ void run(BenchFlags flags) {
     std::fprintf(stderr, "decode at context %ld: %.2f tok/s\n", long(context), flags.gen / decode.back().seconds);
   }
   const double rss_GB = peak_rss_GB();
-  const size_t smallest = size_t(std::min_element(flags.prompt_lens.begin(), flags.prompt_lens.end()) -
-                                 flags.prompt_lens.begin());
   const SpeedPair at_n{smallest_prompt / prefill[smallest].seconds, flags.gen / decode[0].seconds};
 
   // The same pair at 1 thread, from a fresh 1-thread model (a backend's thread count is fixed).
