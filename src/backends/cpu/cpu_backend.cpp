@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "backends/cpu/attention.h"
 #include "backends/cpu/dot.h"
 #include "backends/cpu/thread_pool.h"
 #include "error.h"
@@ -57,7 +58,7 @@ class CpuBackend final : public Backend {
     const int64_t T = x.rows, N = w.rows, K = w.cols;
     // Blocks of weight rows stay in cache while every group of 4 tokens passes over them.
     constexpr int64_t kRowBlock = 16, kTokens = 4;
-    parallel_for(N, kRowBlock, T * N * K, [&](int64_t n0, int64_t n1) {
+    pool_.parallel_for(N, kRowBlock, T * N * K, [&](int64_t n0, int64_t n1) {
       float result[kTokens];
       for (int64_t t0 = 0; t0 < T; t0 += kTokens) {
         const int nt = int(std::min(kTokens, T - t0));
@@ -93,58 +94,12 @@ class CpuBackend final : public Backend {
 
   void cache_update(KVCache& cache, int64_t layer, const Tensor& k, const Tensor& v,
                     std::span<const int32_t> positions) override {
-    const KVShape& s = cache.shape();
-    for (int64_t t = 0; t < k.rows; t++) {
-      for (int64_t h = 0; h < s.num_kv_heads; h++) {
-        std::copy_n(k.row(t) + h * s.head_dim, s.head_dim, cache.key(layer, h, positions[t]));
-        std::copy_n(v.row(t) + h * s.head_dim, s.head_dim, cache.value(layer, h, positions[t]));
-      }
-    }
+    cpu::cache_update(cache, layer, k, v, positions);
   }
 
-  // Per token and kv head: the `group` query heads that share it are adjacent in q, so each key
-  // is read once and scored against all of them with the SIMD dot kernel (keys are f32 rows).
   void attention(const Tensor& q, KVCache& cache, int64_t layer, std::span<const int32_t> positions,
                  Tensor& out) override {
-    const KVShape& s = cache.shape();
-    const int64_t head_dim = s.head_dim, group = q.cols / head_dim / s.num_kv_heads;
-    const float scale = 1.0f / std::sqrt(float(head_dim));
-    const cpu::DotFn dot = cpu::dot_kernel(WeightFormat::F32);
-    const int64_t work = q.rows * q.cols * (positions.back() + 1);
-    parallel_for(q.rows * s.num_kv_heads, 1, work, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;  // [group][visible]
-      for (int64_t item = begin; item < end; item++) {
-        const int64_t t = item / s.num_kv_heads, kv_head = item % s.num_kv_heads;
-        const int64_t visible = int64_t(positions[t]) + 1;
-        const float* queries = q.row(t) + kv_head * group * head_dim;
-        scores.resize(group * visible);
-        for (int64_t p = 0; p < visible; p++) {
-          const auto* key = reinterpret_cast<const uint8_t*>(cache.key(layer, kv_head, p));
-          float dots[cpu::kMaxDotRows];
-          for (int64_t h0 = 0; h0 < group; h0 += cpu::kMaxDotRows) {
-            const int n = int(std::min<int64_t>(cpu::kMaxDotRows, group - h0));
-            dot(key, queries + h0 * head_dim, head_dim, n, head_dim, dots);
-            for (int j = 0; j < n; j++) scores[(h0 + j) * visible + p] = dots[j] * scale;
-          }
-        }
-        for (int64_t h = 0; h < group; h++) {  // softmax of each head's row, in place
-          float* row = &scores[h * visible];
-          const float max_score = *std::max_element(row, row + visible);
-          float sum = 0;
-          for (int64_t p = 0; p < visible; p++) sum += row[p] = std::exp(row[p] - max_score);
-          for (int64_t p = 0; p < visible; p++) row[p] /= sum;
-        }
-        float* o = out.row(t) + kv_head * group * head_dim;
-        std::fill_n(o, group * head_dim, 0.0f);
-        for (int64_t p = 0; p < visible; p++) {
-          const float* value = cache.value(layer, kv_head, p);
-          for (int64_t h = 0; h < group; h++) {
-            const float weight = scores[h * visible + p];
-            for (int64_t d = 0; d < head_dim; d++) o[h * head_dim + d] += weight * value[d];
-          }
-        }
-      }
-    });
+    cpu::attention(q, cache, layer, positions, out, pool_);
   }
 
   void add(Tensor& x, const Tensor& y) override {
@@ -156,12 +111,6 @@ class CpuBackend final : public Backend {
       const float r = std::max(x.data[i], 0.0f);
       x.data[i] = r * r;
     }
-  }
-
-  // Below about 65k multiply-adds one thread finishes before the others could start.
-  void parallel_for(int64_t n, int64_t chunk, int64_t multiply_adds, const std::function<void(int64_t, int64_t)>& body) {
-    if (multiply_adds < (int64_t(1) << 16)) return body(0, n);
-    pool_.parallel_for(n, chunk, body);
   }
 
   void silu_mul(Tensor& gate, const Tensor& up) override {

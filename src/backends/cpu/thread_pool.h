@@ -22,6 +22,13 @@ class ThreadPool {
   // Calls body(begin, end) on chunks of [0, n) of at most `chunk` items, spread over the pool,
   // or once on all of [0, n) when there is a single chunk or thread; returns when all are done.
   void parallel_for(int64_t n, int64_t chunk, const std::function<void(int64_t begin, int64_t end)>& body);
+  // The same, but on the calling thread alone when the loop does under about 65k multiply-adds
+  // in all: one thread finishes such a loop before the others could start.
+  void parallel_for(int64_t n, int64_t chunk, int64_t multiply_adds,
+                    const std::function<void(int64_t begin, int64_t end)>& body) {
+    if (multiply_adds < (int64_t(1) << 16)) return body(0, n);
+    parallel_for(n, chunk, body);
+  }
 
  private:
   void worker_loop();
