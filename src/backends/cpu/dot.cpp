@@ -7,17 +7,9 @@
 #include <cstring>
 #include <string>
 
+#include "backends/cpu/simd.h"
 #include "blockfloat.h"
 #include "error.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define AFM_X86 1
-// Per-function ISA, so the library builds without -march flags; callers check the CPU first.
-#define AFM_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define AFM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
-#endif
-
 
 namespace afm::cpu {
 
