@@ -2,7 +2,7 @@
 // gate/up W [18432, 2560] and down W [2560, 18432]. "GB/s" counts weight bytes streamed, to
 // compare with ReadBandwidth, a plain AVX2 read of the same number of bytes (what memory gives).
 // A third shape, [64, 2560], stays in L2 and shows what the kernel could do if memory kept up.
-// Args: format (WeightFormat), isa (afm::cpu::Isa: 0 scalar, 1 avx2, 2 avx512), n_x (activation rows),
+// Args: format (WeightFormat), isa (afm::cpu::Isa: 0 scalar, 1 avx2, 2 avx512, 3 avx512bf16), n_x (activation rows),
 // shape (0 up, 1 down, 2 in-cache). Times are CPU time: the build machine is shared. An ISA the
 // CPU lacks reports an error row instead of a time.
 #include <benchmark/benchmark.h>
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "backends/cpu/dot.h"
+#include "backends/cpu/int8_dot.h"
 #include "blockfloat.h"
 
 using afm::WeightFormat;
@@ -85,6 +86,47 @@ void Dot(benchmark::State& state) {
   state.SetLabel(std::string(afm::cpu::isa_name(isa)) + shape_names[shape]);
 }
 
+// The same through the int8 activation kernels (int8_dot.h), block-float formats only; the
+// activation rows are quantized once outside the timed loop, as linear does once per matmul.
+void Int8Dot(benchmark::State& state) {
+  const auto format = WeightFormat(state.range(0));
+  const auto isa = afm::cpu::Isa(state.range(1));
+  const int n_x = int(state.range(2));
+  const int shape = int(state.range(3));
+  if (!afm::cpu::isa_supported(isa)) {
+    state.SkipWithError("ISA not supported on this CPU");
+    return;
+  }
+  const int64_t rows[] = {kIntermediate, kHidden, 64}, cols[] = {kHidden, kIntermediate, kHidden};
+  const Matrix w = make_matrix(format, rows[shape], cols[shape]);
+  std::vector<float> x(n_x * w.cols, 0.5f), out(n_x * w.rows);
+  afm::cpu::Int8Rows q;
+  afm::cpu::quantize_int8_rows(format, x.data(), n_x, w.cols, q);
+  const afm::cpu::Int8DotFn dot = afm::cpu::int8_dot_kernel(format, isa);
+  for (auto _ : state) {
+    for (int64_t r = 0; r < w.rows; r++) {
+      float o[afm::cpu::kMaxDotRows];
+      dot(w.data.data() + r * w.row_bytes, q, 0, n_x, o);
+      for (int j = 0; j < n_x; j++) out[j * w.rows + r] = o[j];
+    }
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GB/s"] = benchmark::Counter(double(w.data.size()) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  const char* shape_names[] = {" up", " down", " in-cache"};
+  state.SetLabel(std::string(afm::cpu::isa_name(isa)) + shape_names[shape]);
+}
+
+void Int8Args(benchmark::internal::Benchmark* b) {
+  for (int f : {int(WeightFormat::BFP8), int(WeightFormat::BFP4)}) {
+    for (int isa : {1, 3}) {
+      b->Args({f, isa, 1, 0});
+      b->Args({f, isa, 1, 1});
+      b->Args({f, isa, 1, 2});
+    }
+  }
+}
+
 // Reads a 189 MB buffer (the f32 matrix's size) with AVX2 loads: single-thread read bandwidth.
 __attribute__((target("avx2"))) float read_all(const float* p, int64_t n) {
   __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
@@ -125,5 +167,6 @@ void Args(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK(ReadBandwidth)->Unit(benchmark::kMillisecond);
+BENCHMARK(Int8Dot)->Apply(Int8Args)->ArgNames({"fmt", "isa", "n_x", "shape"})->Unit(benchmark::kMillisecond);
 BENCHMARK(Dot)->Apply(Args)->ArgNames({"fmt", "isa", "n_x", "shape"})->Unit(benchmark::kMillisecond);
 BENCHMARK_MAIN();

@@ -70,7 +70,7 @@ Weight make_weight(const TensorView& view, WeightFormat target) {
   w.rows = view.shape.size() == 2 ? view.shape[0] : 1;
   w.cols = view.shape.back();
   const std::optional<WeightFormat> source = stored_format(view);
-  w.bf16_inputs = target != WeightFormat::F32;
+  w.inputs = target == WeightFormat::F32 ? MatmulInputs::F32 : MatmulInputs::BF16;
 
   // f32 compute needs no conversion: bf16 and f16 widen to f32 exactly inside the kernels.
   if (source && (target == WeightFormat::F32 || target == *source)) {

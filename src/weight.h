@@ -19,14 +19,18 @@ inline constexpr WeightFormat kSelectableFormats[] = {WeightFormat::F32, WeightF
 std::string format_name(WeightFormat format);
 WeightFormat parse_weight_format(const std::string& name);  // "f32", "bf16", "bfp8", "bfp4"; throws afm::Error
 
+// What a matmul rounds its activations to before multiplying (accumulation is f32 throughout):
+// nothing (f32 weights, exact), bf16 (the bring-up note's kernels, which read activations in
+// bf16), or, in matrix-vector products with block-float weights, int8 per block of 16 with an f32
+// scale (the int8 dot kernels, backends/cpu/int8_dot.h; a prefill still reads bf16).
+enum class MatmulInputs { F32, BF16, Int8 };
+
 struct Weight {
   WeightFormat format = WeightFormat::F32;
   int64_t rows = 0, cols = 0;
   const uint8_t* data = nullptr;            // row r starts at data + r * row_bytes
   int64_t row_bytes = 0;
-  // Reduced-precision formats model the bring-up note's kernels, which read their activations in
-  // bf16: the matmul rounds its input to bf16 and accumulates in f32.
-  bool bf16_inputs = false;
+  MatmulInputs inputs = MatmulInputs::F32;
   std::shared_ptr<const void> owner;        // keeps the mapping or the converted buffer alive
 
   int64_t bytes() const { return rows * row_bytes; }
@@ -34,7 +38,7 @@ struct Weight {
 
 // Prepare a checkpoint tensor for the kernels. F32 keeps the file's dtype (bf16 and f16 widen to
 // f32 exactly in the kernels) and so does a target equal to it: both point into the mapping.
-// Other targets convert at load. Every target but F32 sets bf16_inputs.
+// Other targets convert at load. Every target but F32 reads its inputs as bf16.
 Weight make_weight(const TensorView& view, WeightFormat target);
 
 // Row `row` of w as f32 values (embedding lookups, norm weights, tests).

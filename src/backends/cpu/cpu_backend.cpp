@@ -7,6 +7,8 @@
 #include "backend.h"
 #include "backends/cpu/attention.h"
 #include "backends/cpu/dot.h"
+#include "backends/cpu/gemm.h"
+#include "backends/cpu/int8_dot.h"
 #include "backends/cpu/thread_pool.h"
 #include "error.h"
 #include "numeric.h"
@@ -53,17 +55,34 @@ class CpuBackend final : public Backend {
   }
 
   void linear(const Tensor& x_in, const Weight& w, Tensor& out) override {
-    const Tensor x = w.bf16_inputs ? rounded_to_bf16(x_in) : x_in;
+    const int64_t T = x_in.rows, K = w.cols;
+    const bool gemm = T >= cpu::kGemmMinTokens && cpu::gemm_supported(cpu::best_isa());
+    if (w.inputs == MatmulInputs::Int8 && !gemm) {
+      cpu::quantize_int8_rows(w.format, x_in.data, T, K, int8_rows_);
+      const cpu::Int8DotFn dot = cpu::int8_dot_kernel(w.format);
+      return rows_by_groups_of_tokens(w, T, out, [&](const uint8_t* w_row, int64_t t0, int nt, float* result) {
+        dot(w_row, int8_rows_, t0, nt, result);
+      });
+    }
+    const Tensor x = w.inputs == MatmulInputs::F32 ? x_in : rounded_to_bf16(x_in);
+    if (gemm) return cpu::gemm(w, x.data, T, out.data, pool_);
     const cpu::DotFn dot = cpu::dot_kernel(w.format);
-    const int64_t T = x.rows, N = w.rows, K = w.cols;
-    // Blocks of weight rows stay in cache while every group of 4 tokens passes over them.
-    constexpr int64_t kRowBlock = 16, kTokens = 4;
-    pool_.parallel_for(N, kRowBlock, T * N * K, [&](int64_t n0, int64_t n1) {
+    rows_by_groups_of_tokens(w, T, out, [&](const uint8_t* w_row, int64_t t0, int nt, float* result) {
+      dot(w_row, x.row(t0), K, nt, K, result);
+    });
+  }
+
+  // out[t][n] = dot(w row n, token t) for groups of up to kMaxDotRows tokens, spread over the
+  // pool by blocks of weight rows, which stay in cache while every group passes over them.
+  template <class Dot>
+  void rows_by_groups_of_tokens(const Weight& w, int64_t T, Tensor& out, const Dot& dot) {
+    constexpr int64_t kRowBlock = 16, kTokens = cpu::kMaxDotRows;
+    pool_.parallel_for(w.rows, kRowBlock, T * w.rows * w.cols, [&](int64_t n0, int64_t n1) {
       float result[kTokens];
       for (int64_t t0 = 0; t0 < T; t0 += kTokens) {
         const int nt = int(std::min(kTokens, T - t0));
         for (int64_t n = n0; n < n1; n++) {
-          dot(w.data + n * w.row_bytes, x.row(t0), K, nt, K, result);
+          dot(w.data + n * w.row_bytes, t0, nt, result);
           for (int j = 0; j < nt; j++) out.row(t0 + j)[n] = result[j];
         }
       }
@@ -122,6 +141,7 @@ class CpuBackend final : public Backend {
 
  private:
   cpu::ThreadPool pool_;
+  cpu::Int8Rows int8_rows_;  // the current matmul's activations, quantized (reused between calls)
 };
 
 }  // namespace

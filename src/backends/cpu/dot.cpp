@@ -89,6 +89,12 @@ void dot_scalar(const uint8_t* w_row, const float* x, int64_t x_stride, int n_x,
   for (int j = 0; j < n_x; j++) out[j] = acc[j];
 }
 
+template <class Row>
+void decode_scalar(const uint8_t* w_row, int64_t k, int64_t begin, int64_t count, float* dst) {
+  const Row w(w_row, k);
+  for (int64_t i = 0; i < count; i++) dst[i] = w.at(begin + i);
+}
+
 #ifdef AFM_X86
 
 // load16 decodes weights i..i+15 (i a multiple of 16) into two vectors of 8.
@@ -126,13 +132,6 @@ AFM_AVX2 inline void load16(const BfpRow<Bfp4>& w, int64_t i, __m256 v[2]) {
   const __m256i bytes = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.payload(i))));
   v[0] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(bytes, 28), 28));
   v[1] = _mm256_cvtepi32_ps(_mm256_srai_epi32(bytes, 4));
-}
-
-AFM_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // Adds weights i..i+15 times x_j[i..i+16) to the accumulators of each activation row j.
@@ -197,6 +196,24 @@ AFM_AVX2 void dot_avx2(const uint8_t* w_row, const float* x, int64_t x_stride, i
     case 4: return dot_avx2_n<Row, 4>(w, x, x_stride, k, out);
     default: bad_n_x(n_x);
   }
+}
+
+template <class Row>
+AFM_AVX2 void decode_avx2(const uint8_t* w_row, int64_t k, int64_t begin, int64_t count, float* dst) {
+  const Row w(w_row, k);
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    __m256 v[2];
+    load16(w, begin + i, v);
+    if constexpr (Row::kBlockScaled) {
+      const __m256 scale = _mm256_set1_ps(w.scale(begin + i));
+      v[0] = _mm256_mul_ps(v[0], scale);
+      v[1] = _mm256_mul_ps(v[1], scale);
+    }
+    _mm256_storeu_ps(dst + i, v[0]);
+    _mm256_storeu_ps(dst + i + 8, v[1]);
+  }
+  for (; i < count; i++) dst[i] = w.at(begin + i);
 }
 
 // AVX-512: the same loop with 16 f32 lanes, so one block of 16 weights is one zmm. The last
@@ -282,6 +299,17 @@ AFM_AVX512 void dot_avx512_n(const Row& w, const float* x, int64_t x_stride, int
 }
 
 template <class Row>
+AFM_AVX512 void decode_avx512(const uint8_t* w_row, int64_t k, int64_t begin, int64_t count, float* dst) {
+  const Row w(w_row, k);
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 m = count - i >= 16 ? 0xFFFF : __mmask16((1u << (count - i)) - 1);
+    __m512 v = load16(w, begin + i, m);
+    if constexpr (Row::kBlockScaled) v = _mm512_mul_ps(v, _mm512_set1_ps(w.scale(begin + i)));
+    _mm512_mask_storeu_ps(dst + i, m, v);
+  }
+}
+
+template <class Row>
 AFM_AVX512 void dot_avx512(const uint8_t* w_row, const float* x, int64_t x_stride, int n_x, int64_t k,
                            float* out) {
   const Row w(w_row, k);
@@ -298,13 +326,30 @@ AFM_AVX512 void dot_avx512(const uint8_t* w_row, const float* x, int64_t x_strid
 
 #endif  // AFM_X86
 
+struct Kernels {
+  DotFn dot;
+  DecodeFn decode;
+};
+
 template <class Row>
-DotFn pick(Isa isa) {
+Kernels pick(Isa isa) {
 #ifdef AFM_X86
-  if (isa == Isa::Avx2) return dot_avx2<Row>;
-  if (isa == Isa::Avx512) return dot_avx512<Row>;
+  if (isa == Isa::Avx2) return {dot_avx2<Row>, decode_avx2<Row>};
+  if (isa == Isa::Avx512 || isa == Isa::Avx512Bf16) return {dot_avx512<Row>, decode_avx512<Row>};
 #endif
-  return dot_scalar<Row>;
+  return {dot_scalar<Row>, decode_scalar<Row>};
+}
+
+Kernels kernels(WeightFormat format, Isa isa) {
+  if (!isa_supported(isa)) throw Error(std::string("dot kernel: this CPU does not support ") + isa_name(isa));
+  switch (format) {
+    case WeightFormat::F32: return pick<F32Row>(isa);
+    case WeightFormat::F16: return pick<F16Row>(isa);
+    case WeightFormat::BF16: return pick<BF16Row>(isa);
+    case WeightFormat::BFP8: return pick<BfpRow<Bfp8>>(isa);
+    case WeightFormat::BFP4: return pick<BfpRow<Bfp4>>(isa);
+  }
+  throw Error("dot kernel: unknown weight format");
 }
 
 }  // namespace
@@ -318,6 +363,9 @@ bool isa_supported(Isa isa) {
     case Isa::Avx512:
       return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case Isa::Avx512Bf16:
+      return isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512bf16") &&
+             __builtin_cpu_supports("avx512vnni");
   }
 #endif
   return isa == Isa::Scalar;
@@ -328,23 +376,24 @@ const char* isa_name(Isa isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
+    case Isa::Avx512Bf16: return "avx512bf16";
   }
   return "?";
 }
 
 Isa choose_isa(const char* requested) {
   if (requested == nullptr || *requested == '\0') {
-    for (Isa isa : {Isa::Avx512, Isa::Avx2}) {
+    for (Isa isa : {Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2}) {
       if (isa_supported(isa)) return isa;
     }
     return Isa::Scalar;
   }
-  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512}) {
+  for (Isa isa : kAllIsas) {
     if (std::string(requested) != isa_name(isa)) continue;
     if (!isa_supported(isa)) throw Error(std::string("AFM_ISA=") + requested + ": this CPU does not support it");
     return isa;
   }
-  throw Error(std::string("AFM_ISA=") + requested + ": expected scalar, avx2 or avx512");
+  throw Error(std::string("AFM_ISA=") + requested + ": expected scalar, avx2, avx512 or avx512bf16");
 }
 
 Isa best_isa() {
@@ -352,16 +401,8 @@ Isa best_isa() {
   return best;
 }
 
-DotFn dot_kernel(WeightFormat format, Isa isa) {
-  if (!isa_supported(isa)) throw Error(std::string("dot kernel: this CPU does not support ") + isa_name(isa));
-  switch (format) {
-    case WeightFormat::F32: return pick<F32Row>(isa);
-    case WeightFormat::F16: return pick<F16Row>(isa);
-    case WeightFormat::BF16: return pick<BF16Row>(isa);
-    case WeightFormat::BFP8: return pick<BfpRow<Bfp8>>(isa);
-    case WeightFormat::BFP4: return pick<BfpRow<Bfp4>>(isa);
-  }
-  throw Error("dot kernel: unknown weight format");
-}
+DotFn dot_kernel(WeightFormat format, Isa isa) { return kernels(format, isa).dot; }
+
+DecodeFn decode_kernel(WeightFormat format, Isa isa) { return kernels(format, isa).decode; }
 
 }  // namespace afm::cpu

@@ -12,13 +12,16 @@ namespace afm::cpu {
 
 // Kernel variants. Each is compiled without -march flags (per-function target attributes) and
 // picked at run time, so one binary runs everywhere and uses the widest SIMD the CPU has.
-// Avx2 also requires FMA and F16C; Avx512 is F + BW + VL + DQ on top of those.
-enum class Isa { Scalar, Avx2, Avx512 };
+// Avx2 also requires FMA and F16C; Avx512 is F + BW + VL + DQ on top of those; Avx512Bf16 adds
+// the BF16 and VNNI dot-product instructions (Cooper Lake, Sapphire Rapids, Zen 4 and later),
+// which the matmul kernels use (gemm.h); its dot kernels are Avx512's.
+enum class Isa { Scalar, Avx2, Avx512, Avx512Bf16 };
+inline constexpr Isa kAllIsas[] = {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16};
 
 bool isa_supported(Isa isa);  // on this CPU
-const char* isa_name(Isa isa);  // "scalar", "avx2", "avx512"
+const char* isa_name(Isa isa);  // "scalar", "avx2", "avx512", "avx512bf16"
 
-// The ISA named by `requested` ("scalar", "avx2", "avx512"), or the widest supported one when it
+// The ISA named by `requested` (an isa_name), or the widest supported one when it
 // is null or empty. Throws afm::Error for another name or one this CPU lacks.
 Isa choose_isa(const char* requested);
 // choose_isa(getenv("AFM_ISA")), read once: AFM_ISA=avx2 forces a narrower path for A/B
@@ -34,5 +37,10 @@ using DotFn = void (*)(const uint8_t* w_row, const float* x, int64_t x_stride, i
 
 // Throws afm::Error when `isa` is not supported on this CPU.
 DotFn dot_kernel(WeightFormat format, Isa isa = best_isa());
+
+// dst[i] = W(w_row, begin + i) for i < count, exactly: weights begin..begin+count-1 of a row of k
+// (begin a multiple of 16), decoded to f32 for the matmul kernels' packed panels.
+using DecodeFn = void (*)(const uint8_t* w_row, int64_t k, int64_t begin, int64_t count, float* dst);
+DecodeFn decode_kernel(WeightFormat format, Isa isa = best_isa());
 
 }  // namespace afm::cpu

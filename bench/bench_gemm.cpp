@@ -1,0 +1,104 @@
+// The prefill matmul (gemm.h) on one thread, on AFM-4.5B's MLP shapes (up [18432, 2560], down
+// [2560, 18432]) cut to 1/8 of their rows, against the compute ceiling of the instructions it
+// uses, measured in the same run: f32 FMA for the f32 kernels, the bf16 dot for avx512bf16 with
+// block-float or bf16 weights. Args: format (WeightFormat), isa (afm::cpu::Isa), tokens, shape
+// (0 up, 1 down). "pct_of_peak" = 100 x GFLOP/s / that ceiling.
+#include <benchmark/benchmark.h>
+
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "backends/cpu/gemm.h"
+#include "backends/cpu/machine.h"
+#include "blockfloat.h"
+#include "numeric.h"
+
+using afm::WeightFormat;
+using afm::cpu::Isa;
+
+namespace {
+
+struct Matrix {
+  std::vector<uint8_t> bytes;
+  afm::Weight weight;
+};
+
+Matrix make_matrix(WeightFormat f, int64_t rows, int64_t cols) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  std::vector<float> src(cols);
+  Matrix m;
+  auto& w = m.weight;
+  w.format = f;
+  w.rows = rows;
+  w.cols = cols;
+  w.row_bytes = f == WeightFormat::F32 ? 4 * cols : f == WeightFormat::BF16 ? 2 * cols : afm::block_float_row_bytes(f, cols);
+  w.inputs = f == WeightFormat::F32 ? afm::MatmulInputs::F32 : afm::MatmulInputs::BF16;
+  m.bytes.resize(rows * w.row_bytes);
+  for (int64_t r = 0; r < rows; r++) {
+    for (float& v : src) v = normal(rng);
+    uint8_t* dst = m.bytes.data() + r * w.row_bytes;
+    if (afm::is_block_float(f)) {
+      afm::block_float_quantize_row(f, src.data(), cols, dst);
+    } else if (f == WeightFormat::F32) {
+      std::memcpy(dst, src.data(), w.row_bytes);
+    } else {
+      for (int64_t i = 0; i < cols; i++) {
+        const uint16_t h = afm::f32_to_bf16(src[i]);
+        std::memcpy(dst + 2 * i, &h, 2);
+      }
+    }
+  }
+  w.data = m.bytes.data();
+  return m;
+}
+
+afm::cpu::ThreadPool& one_thread() {
+  static afm::cpu::ThreadPool pool(1);
+  return pool;
+}
+
+// GFLOP/s of one thread: f32 FMA, and the bf16 dot (twice the multiply-adds per instruction).
+double ceiling_GFLOPs(Isa isa, WeightFormat f) {
+  static const double fma = afm::cpu::f32_fma_peak(one_thread()).per_thread;
+  static const double bf16 = afm::cpu::bf16_dot_peak(one_thread()).per_thread;
+  return isa == Isa::Avx512Bf16 && f != WeightFormat::F32 ? bf16 : fma;
+}
+
+void Gemm(benchmark::State& state) {
+  const auto format = WeightFormat(state.range(0));
+  const auto isa = Isa(state.range(1));
+  const int64_t tokens = state.range(2);
+  const int shape = int(state.range(3));
+  if (!afm::cpu::gemm_supported(isa)) {
+    state.SkipWithError("no gemm kernels for this ISA on this CPU");
+    return;
+  }
+  const int64_t rows[] = {18432 / 8, 2560 / 8}, cols[] = {2560, 18432};
+  const Matrix m = make_matrix(format, rows[shape], cols[shape]);
+  std::vector<float> x(tokens * cols[shape]), out(tokens * rows[shape]);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal;
+  for (float& v : x) v = afm::round_to_bf16(normal(rng));
+  for (auto _ : state) {
+    afm::cpu::gemm(m.weight, x.data(), tokens, out.data(), one_thread(), isa);
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double flops = 2.0 * double(tokens * rows[shape] * cols[shape]);
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["peak_GFLOP/s"] = ceiling_GFLOPs(isa, format);
+  state.SetLabel(std::string(afm::cpu::isa_name(isa)) + (shape == 0 ? " up" : " down"));
+}
+
+void Args(benchmark::internal::Benchmark* b) {
+  for (int f : {int(WeightFormat::F32), int(WeightFormat::BF16), int(WeightFormat::BFP8), int(WeightFormat::BFP4)})
+    for (int isa : {int(Isa::Avx2), int(Isa::Avx512), int(Isa::Avx512Bf16)})
+      for (int tokens : {16, 128, 512})
+        for (int shape : {0, 1}) b->Args({f, isa, tokens, shape});
+}
+
+}  // namespace
+
+BENCHMARK(Gemm)->Apply(Args)->ArgNames({"fmt", "isa", "tokens", "shape"})->Unit(benchmark::kMillisecond);
+BENCHMARK_MAIN();

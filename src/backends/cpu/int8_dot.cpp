@@ -1,0 +1,256 @@
+// Block-float × int8 dot kernels: portable, AVX2 and AVX-512 VNNI versions of one loop over the
+// weight row's blocks, with x quantized by quantize_int8_rows.
+#include "backends/cpu/int8_dot.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "backends/cpu/simd.h"
+#include "blockfloat.h"
+#include "error.h"
+
+namespace afm::cpu {
+
+namespace {
+
+constexpr int64_t kGroup = 64;  // int8 values in one 512-bit vector: 4 blocks
+
+int weight_offset(WeightFormat format) { return format == WeightFormat::BFP8 ? 128 : 8; }
+
+[[noreturn]] void bad_n_x(int n_x) {
+  throw Error("int8 dot kernel: n_x = " + std::to_string(n_x) + ", expected 1.." + std::to_string(kMaxDotRows));
+}
+
+// Pointers to one quantized row.
+struct XRow {
+  const int8_t* q = nullptr;
+  const float* scale = nullptr;
+  const int32_t* offset_sums = nullptr;
+};
+
+XRow x_row(const Int8Rows& x, int64_t row) {
+  return {x.q.data() + row * x.padded, x.scale.data() + row * x.padded / kBlockFloatBlock,
+          x.offset_sums.data() + row * x.padded / 4};
+}
+
+template <class BF>
+void int8_dot_scalar(const uint8_t* w_row, const Int8Rows& x, int64_t first, int n_x, float* out) {
+  if (n_x < 1 || n_x > kMaxDotRows) bad_n_x(n_x);
+  const int64_t blocks = block_float_blocks(x.k);
+  const uint8_t* payloads = w_row + blocks;
+  for (int j = 0; j < n_x; j++) {
+    const XRow xr = x_row(x, first + j);
+    float acc = 0;
+    for (int64_t b = 0; b < blocks; b++) {
+      int32_t sum = 0;
+      for (int i = 0; i < kBlockFloatBlock; i++)
+        sum += BF::signed_magnitude(payloads + b * BF::payload_bytes, i) * xr.q[b * kBlockFloatBlock + i];
+      acc += float(sum) * (xr.scale[b] * BF::scale[w_row[b]]);
+    }
+    out[j] = acc;
+  }
+}
+
+#ifdef AFM_X86
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's AVX-512 headers (see dot.cpp)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// AVX-512 VNNI. `vpdpbusd` multiplies unsigned by signed bytes, so each weight is read as
+// value + offset (one xor), and the sums start from x's offset_sums, which take the offset out.
+// Group g's 64 weights as unsigned bytes, in order; blocks past the row read as value 0.
+template <class BF>
+AFM_AVX512_BF16 inline __m512i load_offset_weights(const uint8_t* payloads, int64_t g, int64_t blocks_left) {
+  const int64_t n = std::min<int64_t>(4, blocks_left);
+  if constexpr (BF::mag_bits == 7) {
+    const __mmask64 m = n == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * n)) - 1;
+    return _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, payloads + kGroup * g), _mm512_set1_epi8(char(0x80)));
+  } else {
+    // 8 bytes per block hold values 0-7 in the low nibbles and 8-15 in the high ones; xor 0x88
+    // turns each two's-complement nibble v into v + 8.
+    const __mmask32 m = n == 4 ? ~__mmask32(0) : (__mmask32(1) << (8 * n)) - 1;
+    const __m256i b = _mm256_xor_si256(_mm256_maskz_loadu_epi8(m, payloads + 32 * g), _mm256_set1_epi8(char(0x88)));
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+    // Per 128-bit lane: unpacklo gives blocks 0 and 2 (low then high nibbles), unpackhi 1 and 3.
+    const __m512i even = _mm512_castsi256_si512(_mm256_unpacklo_epi64(lo, hi));
+    const __m512i odd = _mm512_castsi256_si512(_mm256_unpackhi_epi64(lo, hi));
+    return _mm512_permutex2var_epi64(even, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), odd);
+  }
+}
+
+template <class BF, int NX>
+AFM_AVX512_BF16 void int8_dot_vnni_n(const uint8_t* w_row, const Int8Rows& x, int64_t first, float* out) {
+  const int64_t blocks = block_float_blocks(x.k), groups = (blocks + 3) / 4;
+  const uint8_t* exps = w_row;
+  const uint8_t* payloads = w_row + blocks;
+  constexpr int64_t kPrefetchAhead = 2048;  // bytes, as in the f32 kernels (dot.cpp)
+  XRow xr[NX];
+  for (int j = 0; j < NX; j++) xr[j] = x_row(x, first + j);
+  __m512 acc[NX];
+  for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps();
+  const __m512 exponent_bias = _mm512_set1_ps(float(127 + BF::mag_bits - 1));
+  // Lane l of a group's sums belongs to its block l / 4.
+  const __m512i block_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int64_t g0 = 0; g0 < groups; g0 += 4) {
+    // 16 blocks share one load of exponents: scale[b] = x's scale * 2^(e_b - 127 - (B - 1)),
+    // exactly (scalef), subnormal weight scales included.
+    const int64_t blocks_left = blocks - 4 * g0;
+    const __mmask16 m = blocks_left >= 16 ? 0xFFFF : __mmask16((1u << blocks_left) - 1);
+    const __m512 e = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, exps + 4 * g0))),
+                                   exponent_bias);
+    __m512 scale[NX];
+    for (int j = 0; j < NX; j++) scale[j] = _mm512_scalef_ps(_mm512_maskz_loadu_ps(m, xr[j].scale + 4 * g0), e);
+    const int64_t g1 = std::min(groups, g0 + 4);
+    for (int64_t g = g0; g < g1; g++) {
+      _mm_prefetch(reinterpret_cast<const char*>(payloads + g * BF::payload_bytes * 4) + kPrefetchAhead, _MM_HINT_T0);
+      const __m512i w = load_offset_weights<BF>(payloads, g, blocks - 4 * g);
+      const __m512i lanes = _mm512_add_epi32(block_of_lane, _mm512_set1_epi32(int(4 * (g - g0))));
+#pragma GCC unroll 4
+      for (int j = 0; j < NX; j++) {
+        const __m512i sums = _mm512_dpbusd_epi32(_mm512_loadu_si512(xr[j].offset_sums + 16 * g), w,
+                                                 _mm512_loadu_si512(xr[j].q + kGroup * g));
+        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(lanes, scale[j]), acc[j]);
+      }
+    }
+  }
+  for (int j = 0; j < NX; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+#pragma GCC diagnostic pop
+
+// AVX2. `vpmaddubsw` saturates its 16-bit pair sums, so bfp8 goes through the sign trick
+// (|w| times x with w's sign, at most 2 * 127 * 127) instead of an offset; bfp4's offset
+// weights (0..15) cannot saturate and use offset_sums like VNNI.
+template <class BF, int NX>
+AFM_AVX2 void int8_dot_avx2_n(const uint8_t* w_row, const Int8Rows& x, int64_t first, float* out) {
+  const int64_t blocks = block_float_blocks(x.k);
+  const uint8_t* exps = w_row;
+  const uint8_t* payloads = w_row + blocks;
+  XRow xr[NX];
+  for (int j = 0; j < NX; j++) xr[j] = x_row(x, first + j);
+  __m256 acc[NX];
+  for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t b0 = 0; b0 < blocks; b0 += 8) {
+    // 8 blocks share one exponent load. A scale is built in the exponent field, which holds
+    // e - (B - 1) for every weight scale of 2^-126 or more; smaller ones (weights below about
+    // 2^-120, which no trained model has) are flushed to zero here.
+    const int n = int(std::min<int64_t>(8, blocks - b0));
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+    uint8_t e8[8] = {};
+    std::memcpy(e8, exps + b0, size_t(n));
+    const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(e8)));
+    const __m256i field = _mm256_max_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(BF::mag_bits - 1)), _mm256_setzero_si256());
+    const __m256 weight_scale = _mm256_castsi256_ps(_mm256_slli_epi32(field, 23));
+    __m256 scale[NX];
+    for (int j = 0; j < NX; j++) scale[j] = _mm256_mul_ps(weight_scale, _mm256_maskload_ps(xr[j].scale + b0, valid));
+    for (int s = 0; s < n; s += 2) {  // two blocks per step; a lone last block pairs with zeros
+      const int64_t b = b0 + s;
+      const bool pair = s + 1 < n;
+      const __m256i lanes = _mm256_setr_epi32(s, s, s, s, s + 1, s + 1, s + 1, s + 1);
+      __m256i w;
+      if constexpr (BF::mag_bits == 7) {
+        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(payloads + 16 * b));
+        const __m128i hi = pair ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(payloads + 16 * (b + 1)))
+                                : _mm_setzero_si128();
+        w = _mm256_set_m128i(hi, lo);
+      } else {
+        const __m128i bytes = pair ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(payloads + 8 * b))
+                                   : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(payloads + 8 * b));
+        const __m128i v = _mm_xor_si128(bytes, _mm_set1_epi8(char(0x88)));  // nibble v -> v + 8
+        const __m128i nibble = _mm_set1_epi8(0x0F);
+        const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+        w = _mm256_set_m128i(_mm_unpackhi_epi64(lo, hi), _mm_unpacklo_epi64(lo, hi));
+      }
+      const __m256i magnitude = BF::mag_bits == 7 ? _mm256_abs_epi8(w) : w;
+#pragma GCC unroll 4
+      for (int j = 0; j < NX; j++) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[j].q + kBlockFloatBlock * b));
+        __m256i sums;
+        if constexpr (BF::mag_bits == 7) {
+          sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(q, w)), ones);
+        } else {
+          sums = _mm256_add_epi32(
+              _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, q), ones),
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[j].offset_sums + 4 * b)));
+        }
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_permutevar8x32_ps(scale[j], lanes), acc[j]);
+      }
+    }
+  }
+  for (int j = 0; j < NX; j++) out[j] = hsum(acc[j]);
+}
+
+template <class BF>
+AFM_AVX512_BF16 void int8_dot_vnni(const uint8_t* w_row, const Int8Rows& x, int64_t first, int n_x, float* out) {
+  switch (n_x) {
+    case 1: return int8_dot_vnni_n<BF, 1>(w_row, x, first, out);
+    case 2: return int8_dot_vnni_n<BF, 2>(w_row, x, first, out);
+    case 3: return int8_dot_vnni_n<BF, 3>(w_row, x, first, out);
+    case 4: return int8_dot_vnni_n<BF, 4>(w_row, x, first, out);
+    default: bad_n_x(n_x);
+  }
+}
+
+template <class BF>
+AFM_AVX2 void int8_dot_avx2(const uint8_t* w_row, const Int8Rows& x, int64_t first, int n_x, float* out) {
+  switch (n_x) {
+    case 1: return int8_dot_avx2_n<BF, 1>(w_row, x, first, out);
+    case 2: return int8_dot_avx2_n<BF, 2>(w_row, x, first, out);
+    case 3: return int8_dot_avx2_n<BF, 3>(w_row, x, first, out);
+    case 4: return int8_dot_avx2_n<BF, 4>(w_row, x, first, out);
+    default: bad_n_x(n_x);
+  }
+}
+
+#endif  // AFM_X86
+
+template <class BF>
+Int8DotFn pick(Isa isa) {
+#ifdef AFM_X86
+  if (isa == Isa::Avx512Bf16) return int8_dot_vnni<BF>;
+  if (isa == Isa::Avx2 || isa == Isa::Avx512) return int8_dot_avx2<BF>;
+#endif
+  return int8_dot_scalar<BF>;
+}
+
+}  // namespace
+
+void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64_t k, Int8Rows& out) {
+  if (!is_block_float(format)) throw Error("int8 activations: only for bfp8 and bfp4 weights, not " + format_name(format));
+  out.rows = rows;
+  out.k = k;
+  out.padded = std::max<int64_t>(kGroup, (k + kGroup - 1) / kGroup * kGroup);
+  out.q.assign(rows * out.padded, 0);
+  out.scale.assign(rows * out.padded / kBlockFloatBlock, 0.0f);
+  out.offset_sums.assign(rows * out.padded / 4, 0);
+  const int32_t offset = weight_offset(format);
+  for (int64_t r = 0; r < rows; r++) {
+    const float* in = x + r * k;
+    int8_t* q = out.q.data() + r * out.padded;
+    for (int64_t b0 = 0; b0 < k; b0 += kBlockFloatBlock) {
+      const int64_t b1 = std::min(k, b0 + kBlockFloatBlock);
+      float max_abs = 0;
+      for (int64_t i = b0; i < b1; i++) max_abs = std::max(max_abs, std::fabs(in[i]));
+      if (max_abs == 0) continue;
+      const float inverse = 127.0f / max_abs;
+      for (int64_t i = b0; i < b1; i++) q[i] = int8_t(std::clamp(std::nearbyint(in[i] * inverse), -127.0f, 127.0f));
+      out.scale[r * out.padded / kBlockFloatBlock + b0 / kBlockFloatBlock] = max_abs / 127.0f;
+    }
+    int32_t* sums = out.offset_sums.data() + r * out.padded / 4;
+    for (int64_t j = 0; j < out.padded / 4; j++) sums[j] = -offset * (q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3]);
+  }
+}
+
+Int8DotFn int8_dot_kernel(WeightFormat format, Isa isa) {
+  if (!isa_supported(isa)) throw Error(std::string("int8 dot kernel: this CPU does not support ") + isa_name(isa));
+  if (format == WeightFormat::BFP8) return pick<Bfp8>(isa);
+  if (format == WeightFormat::BFP4) return pick<Bfp4>(isa);
+  throw Error("int8 dot kernel: only for bfp8 and bfp4 weights, not " + format_name(format));
+}
+
+}  // namespace afm::cpu

@@ -1,0 +1,43 @@
+// Integer dot products for the block-float formats: the activation row is quantized once per
+// matmul to int8 in blocks of 16 (one f32 scale per block, the blocks of the weight rows), and
+// each block's 16 products are summed in integers by the CPU's int8 dot instructions (AVX-512
+// VNNI `vpdpbusd`, AVX2 `vpmaddubsw`+`vpmaddwd`), then scaled once by x's scale times the
+// weight block's 2^exponent. Decoding a bfp8 weight then costs one byte operation instead of a
+// widening, a conversion and a multiply, which is what keeps decode at the memory-bandwidth floor.
+// The numerics differ from the f32 kernels only by the rounding of x to int8 (at most half a
+// step of max|block| / 127 per value); docs/ACCURACY.md measures what that does to a model.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "backends/cpu/dot.h"
+#include "weight.h"
+
+namespace afm::cpu {
+
+// Rows of activations quantized for one weight format's int8 kernels. Per row of k values,
+// padded with zeros to `padded` (a multiple of 64):
+//   q[i]         round(x[i] / scale[i / 16]), in -127..127, with scale = max |x| of the block / 127;
+//   scale[b]     0 for a block of zeros;
+//   offset_sums  -(offset * (q[4j] + ... + q[4j+3])) per 4 values: the kernels that read a weight
+//                as an unsigned byte (its value + offset; offset 128 for bfp8, 8 for bfp4) start
+//                their integer sums from it, which cancels the offset exactly.
+struct Int8Rows {
+  int64_t rows = 0, k = 0, padded = 0;
+  std::vector<int8_t> q;          // [rows][padded]
+  std::vector<float> scale;       // [rows][padded / 16]
+  std::vector<int32_t> offset_sums;  // [rows][padded / 4]
+};
+
+// Quantizes `rows` rows of x (row stride k) for the int8 kernels of `format` (BFP8 or BFP4).
+void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64_t k, Int8Rows& out);
+
+// out[j] = sum over blocks of W(w_row) · (q * scale) of rows first..first + n_x - 1 of x
+// (n_x in 1..kMaxDotRows); k is the weight row's column count, equal to x.k.
+using Int8DotFn = void (*)(const uint8_t* w_row, const Int8Rows& x, int64_t first, int n_x, float* out);
+
+// Throws afm::Error for a format other than BFP8 / BFP4, or an ISA this CPU lacks. Avx512 without
+// VNNI runs the AVX2 kernels.
+Int8DotFn int8_dot_kernel(WeightFormat format, Isa isa = best_isa());
+
+}  // namespace afm::cpu
