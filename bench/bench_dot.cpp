@@ -2,7 +2,7 @@
 // gate/up W [18432, 2560] and down W [2560, 18432]. "GB/s" counts weight bytes streamed, to
 // compare with ReadBandwidth, a plain AVX2 read of the same number of bytes (what memory gives).
 // A third shape, [64, 2560], stays in L2 and shows what the kernel could do if memory kept up.
-// Args: format (WeightFormat), isa (afm::cpu::Isa: 0 scalar, 1 avx2, 2 avx512, 3 avx512bf16), n_x (activation rows),
+// Args: format (WeightFormat), isa (afm::cpu::Isa: 0 scalar, 1 avx2, 2 avx512, 3 avx512vnni), n_x (activation rows),
 // shape (0 up, 1 down, 2 in-cache). Times are CPU time: the build machine is shared. An ISA the
 // CPU lacks reports an error row instead of a time.
 #include <benchmark/benchmark.h>

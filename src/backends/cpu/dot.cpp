@@ -335,7 +335,7 @@ template <class Row>
 Kernels pick(Isa isa) {
 #ifdef AFM_X86
   if (isa == Isa::Avx2) return {dot_avx2<Row>, decode_avx2<Row>};
-  if (isa == Isa::Avx512 || isa == Isa::Avx512Bf16) return {dot_avx512<Row>, decode_avx512<Row>};
+  if (isa == Isa::Avx512 || isa == Isa::Avx512Vnni) return {dot_avx512<Row>, decode_avx512<Row>};
 #endif
   return {dot_scalar<Row>, decode_scalar<Row>};
 }
@@ -363,9 +363,7 @@ bool isa_supported(Isa isa) {
     case Isa::Avx512:
       return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    case Isa::Avx512Bf16:
-      return isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512bf16") &&
-             __builtin_cpu_supports("avx512vnni");
+    case Isa::Avx512Vnni: return isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vnni");
   }
 #endif
   return isa == Isa::Scalar;
@@ -376,14 +374,14 @@ const char* isa_name(Isa isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
-    case Isa::Avx512Bf16: return "avx512bf16";
+    case Isa::Avx512Vnni: return "avx512vnni";
   }
   return "?";
 }
 
 Isa choose_isa(const char* requested) {
   if (requested == nullptr || *requested == '\0') {
-    for (Isa isa : {Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2}) {
+    for (Isa isa : {Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2}) {
       if (isa_supported(isa)) return isa;
     }
     return Isa::Scalar;
@@ -393,7 +391,7 @@ Isa choose_isa(const char* requested) {
     if (!isa_supported(isa)) throw Error(std::string("AFM_ISA=") + requested + ": this CPU does not support it");
     return isa;
   }
-  throw Error(std::string("AFM_ISA=") + requested + ": expected scalar, avx2, avx512 or avx512bf16");
+  throw Error(std::string("AFM_ISA=") + requested + ": expected scalar, avx2, avx512 or avx512vnni");
 }
 
 Isa best_isa() {

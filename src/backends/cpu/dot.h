@@ -12,14 +12,14 @@ namespace afm::cpu {
 
 // Kernel variants. Each is compiled without -march flags (per-function target attributes) and
 // picked at run time, so one binary runs everywhere and uses the widest SIMD the CPU has.
-// Avx2 also requires FMA and F16C; Avx512 is F + BW + VL + DQ on top of those; Avx512Bf16 adds
-// the BF16 and VNNI dot-product instructions (Cooper Lake, Sapphire Rapids, Zen 4 and later),
-// which the matmul kernels use (gemm.h); its dot kernels are Avx512's.
-enum class Isa { Scalar, Avx2, Avx512, Avx512Bf16 };
-inline constexpr Isa kAllIsas[] = {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16};
+// Avx2 also requires FMA and F16C; Avx512 is F + BW + VL + DQ on top of those; Avx512Vnni adds
+// the int8 dot-product instruction (Cascade Lake, Ice Lake, Zen 4 and later), which the int8
+// kernels use (int8_dot.h); its f32 kernels are Avx512's.
+enum class Isa { Scalar, Avx2, Avx512, Avx512Vnni };
+inline constexpr Isa kAllIsas[] = {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni};
 
 bool isa_supported(Isa isa);  // on this CPU
-const char* isa_name(Isa isa);  // "scalar", "avx2", "avx512", "avx512bf16"
+const char* isa_name(Isa isa);  // "scalar", "avx2", "avx512", "avx512vnni"
 
 // The ISA named by `requested` (an isa_name), or the widest supported one when it
 // is null or empty. Throws afm::Error for another name or one this CPU lacks.

@@ -17,11 +17,10 @@ constexpr int64_t kGemmMinTokens = 16;
 // Whether gemm has kernels for `isa` (any SIMD ISA; the scalar one runs the dot kernels).
 bool gemm_supported(Isa isa);
 
-// out (T rows of w.rows floats) = x (T rows of w.cols floats) @ w^T. With Isa::Avx512Bf16 and
-// bf16 or int8 w.inputs, x and the weights enter as bf16 and the products are summed in f32 by
-// `vdpbf16ps`; the caller has rounded x to bf16 already, and every format but f32 decodes to
-// bf16 exactly, so this is the same sum as f32 FMAs would give, in another order (and with
-// bf16 subnormals read as zero). Otherwise everything is f32 FMA. Throws when !gemm_supported.
+// out (T rows of w.rows floats) = x (T rows of w.cols floats) @ w^T, with the weights decoded
+// exactly to f32 and f32 FMAs: the dot kernels' sums in another order. (AVX-512 BF16's
+// `vdpbf16ps` would take bf16 pairs, but measured half the f32 FMA rate on a Sapphire Rapids
+// class Xeon, docs/PERFORMANCE.md.) Throws when !gemm_supported.
 void gemm(const Weight& w, const float* x, int64_t T, float* out, ThreadPool& pool, Isa isa = best_isa());
 
 }  // namespace afm::cpu

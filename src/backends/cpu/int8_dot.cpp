@@ -63,7 +63,7 @@ void int8_dot_scalar(const uint8_t* w_row, const Int8Rows& x, int64_t first, int
 // value + offset (one xor), and the sums start from x's offset_sums, which take the offset out.
 // Group g's 64 weights as unsigned bytes, in order; blocks past the row read as value 0.
 template <class BF>
-AFM_AVX512_BF16 inline __m512i load_offset_weights(const uint8_t* payloads, int64_t g, int64_t blocks_left) {
+AFM_AVX512_VNNI inline __m512i load_offset_weights(const uint8_t* payloads, int64_t g, int64_t blocks_left) {
   const int64_t n = std::min<int64_t>(4, blocks_left);
   if constexpr (BF::mag_bits == 7) {
     const __mmask64 m = n == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * n)) - 1;
@@ -83,7 +83,7 @@ AFM_AVX512_BF16 inline __m512i load_offset_weights(const uint8_t* payloads, int6
 }
 
 template <class BF, int NX>
-AFM_AVX512_BF16 void int8_dot_vnni_n(const uint8_t* w_row, const Int8Rows& x, int64_t first, float* out) {
+AFM_AVX512_VNNI void int8_dot_vnni_n(const uint8_t* w_row, const Int8Rows& x, int64_t first, float* out) {
   const int64_t blocks = block_float_blocks(x.k), groups = (blocks + 3) / 4;
   const uint8_t* exps = w_row;
   const uint8_t* payloads = w_row + blocks;
@@ -186,7 +186,7 @@ AFM_AVX2 void int8_dot_avx2_n(const uint8_t* w_row, const Int8Rows& x, int64_t f
 }
 
 template <class BF>
-AFM_AVX512_BF16 void int8_dot_vnni(const uint8_t* w_row, const Int8Rows& x, int64_t first, int n_x, float* out) {
+AFM_AVX512_VNNI void int8_dot_vnni(const uint8_t* w_row, const Int8Rows& x, int64_t first, int n_x, float* out) {
   switch (n_x) {
     case 1: return int8_dot_vnni_n<BF, 1>(w_row, x, first, out);
     case 2: return int8_dot_vnni_n<BF, 2>(w_row, x, first, out);
@@ -212,7 +212,7 @@ AFM_AVX2 void int8_dot_avx2(const uint8_t* w_row, const Int8Rows& x, int64_t fir
 template <class BF>
 Int8DotFn pick(Isa isa) {
 #ifdef AFM_X86
-  if (isa == Isa::Avx512Bf16) return int8_dot_vnni<BF>;
+  if (isa == Isa::Avx512Vnni) return int8_dot_vnni<BF>;
   if (isa == Isa::Avx2 || isa == Isa::Avx512) return int8_dot_avx2<BF>;
 #endif
   return int8_dot_scalar<BF>;

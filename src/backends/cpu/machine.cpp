@@ -19,7 +19,6 @@
 #define AFM_AVX512 __attribute__((target("avx512f")))
 #define AFM_AVX_VNNI __attribute__((target("avx2,avxvnni")))
 #define AFM_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
-#define AFM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #endif
 
 namespace afm::cpu {
@@ -172,19 +171,6 @@ AFM_AVX512_VNNI uint64_t int8_avx512_vnni(int64_t iterations) {
   return uint32_t(_mm512_cvtsi512_si32(sum));  // one lane is enough to sink
 }
 
-// vdpbf16ps: 2 bf16 multiply-adds per f32 lane, accumulated like FMA, so the same chains.
-AFM_AVX512_BF16 uint64_t bf16_avx512(int64_t iterations) {
-  __m512 acc[kZmmChains];
-  for (int c = 0; c < kZmmChains; c++) acc[c] = _mm512_set1_ps(float(c));
-  const __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.999f), _mm512_set1_ps(0.999f));
-  const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(1e-3f));
-  for (int64_t i = 0; i < iterations; i++)
-#pragma GCC unroll 16
-    for (int c = 0; c < kZmmChains; c++) acc[c] = _mm512_dpbf16_ps(acc[c], a, b);
-  __m512 sum = acc[0];
-  for (int c = 1; c < kZmmChains; c++) sum = _mm512_add_ps(sum, acc[c]);
-  return std::bit_cast<uint32_t>(_mm512_cvtss_f32(sum));
-}
 #endif
 
 // The widest loops this CPU runs; ops count 2 per lane multiply-add.
@@ -204,14 +190,6 @@ Loop best_int8_loop() {
   if (__builtin_cpu_supports("avx2")) return {"avx2 vpmaddubsw+vpmaddwd", 2.0 * 32 * kMaddChains, int8_avx2};
 #endif
   return {"portable", 2.0 * kPortableChains, int8_portable};
-}
-
-Loop best_bf16_loop() {
-#ifdef AFM_X86
-  if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"))
-    return {"avx512-bf16 vdpbf16ps", 2.0 * 32 * kZmmChains, bf16_avx512};
-#endif
-  return best_fma_loop();  // no bf16 dot instruction: bf16 runs as f32
 }
 
 Peak measure(const Loop& loop, ThreadPool& pool) {
@@ -261,6 +239,5 @@ double read_bandwidth_GBps(ThreadPool& pool, int64_t bytes) {
 
 Peak f32_fma_peak(ThreadPool& pool) { return measure(best_fma_loop(), pool); }
 Peak int8_dot_peak(ThreadPool& pool) { return measure(best_int8_loop(), pool); }
-Peak bf16_dot_peak(ThreadPool& pool) { return measure(best_bf16_loop(), pool); }
 
 }  // namespace afm::cpu

@@ -28,8 +28,4 @@ Peak f32_fma_peak(ThreadPool& pool);
 // `vpdpbusd`, AVX-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`+`vpmaddwd`, or portable code.
 Peak int8_dot_peak(ThreadPool& pool);
 
-// bf16 dot throughput in GFLOP/s (one bf16 multiply-add counts 2) with AVX-512 BF16
-// `vdpbf16ps`; where the CPU lacks it, the f32 FMA peak (bf16 then runs as f32).
-Peak bf16_dot_peak(ThreadPool& pool);
-
 }  // namespace afm::cpu

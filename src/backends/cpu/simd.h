@@ -10,9 +10,8 @@
 #define AFM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 #endif
 #ifdef AFM_X86
-// Isa::Avx512Bf16's kernels: AVX-512 plus the BF16 and VNNI dot-product instructions.
-#define AFM_AVX512_BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma,f16c")))
+// Isa::Avx512Vnni's kernels: AVX-512 plus the int8 dot-product instructions.
+#define AFM_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
 #endif
 
 #ifdef AFM_X86
