@@ -56,65 +56,68 @@ Matrix make_matrix(WeightFormat f, int64_t rows, int64_t cols) {
   return m;
 }
 
-void Dot(benchmark::State& state) {
-  const auto format = WeightFormat(state.range(0));
-  const auto isa = afm::cpu::Isa(state.range(1));
-  const int n_x = int(state.range(2));
-  const int shape = int(state.range(3));
-  if (!afm::cpu::isa_supported(isa)) {
+// One benchmark case: its arguments, the matrix, and x (n_x rows of 0.5).
+struct Case {
+  WeightFormat format;
+  afm::cpu::Isa isa;
+  int n_x, shape;
+  Matrix w;
+  std::vector<float> x;
+};
+
+// Reads the arguments and builds the case; false (the row reports an error) for an absent ISA.
+bool make_case(benchmark::State& state, Case& c) {
+  c.format = WeightFormat(state.range(0));
+  c.isa = afm::cpu::Isa(state.range(1));
+  c.n_x = int(state.range(2));
+  c.shape = int(state.range(3));
+  if (!afm::cpu::isa_supported(c.isa)) {
     state.SkipWithError("ISA not supported on this CPU");
-    return;
+    return false;
   }
   const int64_t rows[] = {kIntermediate, kHidden, 64}, cols[] = {kHidden, kIntermediate, kHidden};
-  const Matrix w = make_matrix(format, rows[shape], cols[shape]);
-  std::vector<float> x(n_x * w.cols, 0.5f), out(n_x * w.rows);
-  const afm::cpu::DotFn dot = afm::cpu::dot_kernel(format, isa);
-  for (auto _ : state) {
-    for (int64_t r = 0; r < w.rows; r++) {
-      float o[afm::cpu::kMaxDotRows];
-      dot(w.data.data() + r * w.row_bytes, x.data(), w.cols, n_x, w.cols, o);
-      for (int j = 0; j < n_x; j++) out[j * w.rows + r] = o[j];
-    }
-    benchmark::DoNotOptimize(out.data());
-    benchmark::ClobberMemory();
-  }
-  const double bytes = double(w.data.size());
-  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(2e-9 * double(w.rows * w.cols * n_x), benchmark::Counter::kIsIterationInvariantRate);
-  const char* shape_names[] = {" up", " down", " in-cache"};
-  state.SetLabel(std::string(afm::cpu::isa_name(isa)) + shape_names[shape]);
+  c.w = make_matrix(c.format, rows[c.shape], cols[c.shape]);
+  c.x.assign(c.n_x * c.w.cols, 0.5f);
+  return true;
 }
 
-// The same through the int8 activation kernels (int8_dot.h), block-float formats only; the
-// activation rows are quantized once outside the timed loop, as linear does once per matmul.
-void Int8Dot(benchmark::State& state) {
-  const auto format = WeightFormat(state.range(0));
-  const auto isa = afm::cpu::Isa(state.range(1));
-  const int n_x = int(state.range(2));
-  const int shape = int(state.range(3));
-  if (!afm::cpu::isa_supported(isa)) {
-    state.SkipWithError("ISA not supported on this CPU");
-    return;
-  }
-  const int64_t rows[] = {kIntermediate, kHidden, 64}, cols[] = {kHidden, kIntermediate, kHidden};
-  const Matrix w = make_matrix(format, rows[shape], cols[shape]);
-  std::vector<float> x(n_x * w.cols, 0.5f), out(n_x * w.rows);
-  afm::cpu::Int8Rows q;
-  afm::cpu::quantize_int8_rows(format, x.data(), n_x, w.cols, q);
-  const afm::cpu::Int8DotFn dot = afm::cpu::int8_dot_kernel(format, isa);
+// Times dot_row(weight row, results) over every row of the matrix, and reports weight GB/s.
+template <class DotRow>
+void time_rows(benchmark::State& state, const Case& c, const DotRow& dot_row) {
+  const Matrix& w = c.w;
+  std::vector<float> out(c.n_x * w.rows);
   for (auto _ : state) {
     for (int64_t r = 0; r < w.rows; r++) {
       float o[afm::cpu::kMaxDotRows];
-      dot(w.data.data() + r * w.row_bytes, q, 0, n_x, o);
-      for (int j = 0; j < n_x; j++) out[j * w.rows + r] = o[j];
+      dot_row(w.data.data() + r * w.row_bytes, o);
+      for (int j = 0; j < c.n_x; j++) out[j * w.rows + r] = o[j];
     }
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
   state.counters["GB/s"] = benchmark::Counter(double(w.data.size()) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2e-9 * double(w.rows * w.cols * c.n_x), benchmark::Counter::kIsIterationInvariantRate);
   const char* shape_names[] = {" up", " down", " in-cache"};
-  state.SetLabel(std::string(afm::cpu::isa_name(isa)) + shape_names[shape]);
+  state.SetLabel(std::string(afm::cpu::isa_name(c.isa)) + shape_names[c.shape]);
+}
+
+void Dot(benchmark::State& state) {
+  Case c;
+  if (!make_case(state, c)) return;
+  const afm::cpu::DotFn dot = afm::cpu::dot_kernel(c.format, c.isa);
+  time_rows(state, c, [&](const uint8_t* w_row, float* o) { dot(w_row, c.x.data(), c.w.cols, c.n_x, c.w.cols, o); });
+}
+
+// The same through the int8 activation kernels (int8_dot.h), block-float formats only; the
+// activation rows are quantized once outside the timed loop, as linear does once per matmul.
+void Int8Dot(benchmark::State& state) {
+  Case c;
+  if (!make_case(state, c)) return;
+  afm::cpu::Int8Rows q;
+  afm::cpu::quantize_int8_rows(c.format, c.x.data(), c.n_x, c.w.cols, q);
+  const afm::cpu::Int8DotFn dot = afm::cpu::int8_dot_kernel(c.format, c.isa);
+  time_rows(state, c, [&](const uint8_t* w_row, float* o) { dot(w_row, q, 0, c.n_x, o); });
 }
 
 void Int8Args(benchmark::internal::Benchmark* b) {

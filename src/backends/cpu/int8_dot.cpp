@@ -185,38 +185,34 @@ AFM_AVX2 void int8_dot_avx2_n(const uint8_t* w_row, const Int8Rows& x, int64_t f
   for (int j = 0; j < NX; j++) out[j] = hsum(acc[j]);
 }
 
-template <class BF>
-AFM_AVX512_VNNI void int8_dot_vnni(const uint8_t* w_row, const Int8Rows& x, int64_t first, int n_x, float* out) {
-  switch (n_x) {
-    case 1: return int8_dot_vnni_n<BF, 1>(w_row, x, first, out);
-    case 2: return int8_dot_vnni_n<BF, 2>(w_row, x, first, out);
-    case 3: return int8_dot_vnni_n<BF, 3>(w_row, x, first, out);
-    case 4: return int8_dot_vnni_n<BF, 4>(w_row, x, first, out);
-    default: bad_n_x(n_x);
-  }
-}
-
-template <class BF>
-AFM_AVX2 void int8_dot_avx2(const uint8_t* w_row, const Int8Rows& x, int64_t first, int n_x, float* out) {
-  switch (n_x) {
-    case 1: return int8_dot_avx2_n<BF, 1>(w_row, x, first, out);
-    case 2: return int8_dot_avx2_n<BF, 2>(w_row, x, first, out);
-    case 3: return int8_dot_avx2_n<BF, 3>(w_row, x, first, out);
-    case 4: return int8_dot_avx2_n<BF, 4>(w_row, x, first, out);
-    default: bad_n_x(n_x);
-  }
-}
-
 #endif  // AFM_X86
 
-template <class BF>
-Int8DotFn pick(Isa isa) {
-#ifdef AFM_X86
-  if (isa == Isa::Avx512Vnni) return int8_dot_vnni<BF>;
-  if (isa == Isa::Avx2 || isa == Isa::Avx512) return int8_dot_avx2<BF>;
-#endif
-  return int8_dot_scalar<BF>;
+// The kernel for a run-time n_x: Kernel<NX>::run for n_x = 1..kMaxDotRows.
+template <template <int> class Kernel>
+void by_row_count(const uint8_t* w_row, const Int8Rows& x, int64_t first, int n_x, float* out) {
+  switch (n_x) {
+    case 1: return Kernel<1>::run(w_row, x, first, out);
+    case 2: return Kernel<2>::run(w_row, x, first, out);
+    case 3: return Kernel<3>::run(w_row, x, first, out);
+    case 4: return Kernel<4>::run(w_row, x, first, out);
+    default: bad_n_x(n_x);
+  }
 }
+
+template <class BF>
+struct Kernels {
+#ifdef AFM_X86
+  template <int NX> struct Vnni { static constexpr auto run = int8_dot_vnni_n<BF, NX>; };
+  template <int NX> struct Avx2 { static constexpr auto run = int8_dot_avx2_n<BF, NX>; };
+#endif
+  static Int8DotFn pick(Isa isa) {
+#ifdef AFM_X86
+    if (isa == Isa::Avx512Vnni) return by_row_count<Vnni>;
+    if (isa == Isa::Avx2 || isa == Isa::Avx512) return by_row_count<Avx2>;
+#endif
+    return int8_dot_scalar<BF>;
+  }
+};
 
 }  // namespace
 
@@ -248,8 +244,8 @@ void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64
 
 Int8DotFn int8_dot_kernel(WeightFormat format, Isa isa) {
   if (!isa_supported(isa)) throw Error(std::string("int8 dot kernel: this CPU does not support ") + isa_name(isa));
-  if (format == WeightFormat::BFP8) return pick<Bfp8>(isa);
-  if (format == WeightFormat::BFP4) return pick<Bfp4>(isa);
+  if (format == WeightFormat::BFP8) return Kernels<Bfp8>::pick(isa);
+  if (format == WeightFormat::BFP4) return Kernels<Bfp4>::pick(isa);
   throw Error("int8 dot kernel: only for bfp8 and bfp4 weights, not " + format_name(format));
 }
 
