@@ -1,17 +1,93 @@
 #include "kv_cache.h"
 
 #include <algorithm>
-#include <string>
+#include <bit>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "error.h"
+#include "numeric.h"
 
 namespace afm {
+
+const char* kv_cache_type_name(KVCacheType type) {
+  switch (type) {
+    case KVCacheType::F32: return "f32";
+    case KVCacheType::F16: return "f16";
+    case KVCacheType::BF16: return "bf16";
+  }
+  return "?";
+}
+
+KVCacheType parse_kv_cache_type(const std::string& name) {
+  for (KVCacheType t : {KVCacheType::F32, KVCacheType::F16, KVCacheType::BF16})
+    if (name == kv_cache_type_name(t)) return t;
+  throw Error("unknown KV cache type \"" + name + "\" (choose f32, f16 or bf16)");
+}
+
+int64_t kv_element_bytes(KVCacheType type) { return type == KVCacheType::F32 ? 4 : 2; }
+
+namespace {
+
+// f32 to IEEE binary16, rounded to nearest even; past the largest half (65504) it is infinity.
+uint16_t f32_to_f16(float f) {
+  const uint32_t bits = std::bit_cast<uint32_t>(f);
+  const uint16_t sign = uint16_t((bits >> 16) & 0x8000u);
+  const uint32_t mag = bits & 0x7fffffffu;
+  if (mag > 0x7f800000u) return sign | 0x7e00u;      // NaN stays NaN
+  if (mag >= 0x477ff000u) return sign | 0x7c00u;     // >= 65520 rounds to infinity
+  if (mag < 0x38800000u) {                           // below 2^-14: a subnormal half, m * 2^-24
+    const float scaled = std::bit_cast<float>(mag) * 0x1p24f;  // exact
+    return sign | uint16_t(std::nearbyint(scaled));  // ties to even; 1024 carries into the exponent
+  }
+  uint32_t h = mag - (112u << 23);  // rebias the exponent from 127 to 15
+  h += 0xfffu + ((h >> 13) & 1u);   // round the 13 dropped bits to nearest even
+  return sign | uint16_t(h >> 13);
+}
+
+void store_row(KVCacheType type, const float* src, int64_t n, int64_t stride, uint8_t* dst) {
+  for (int64_t i = 0; i < n; i++) {
+    uint8_t* p = dst + i * stride * kv_element_bytes(type);
+    switch (type) {
+      case KVCacheType::F32: std::memcpy(p, &src[i], 4); break;
+      case KVCacheType::F16: {
+        const uint16_t h = f32_to_f16(src[i]);
+        std::memcpy(p, &h, 2);
+        break;
+      }
+      case KVCacheType::BF16: {
+        const uint16_t h = f32_to_bf16(src[i]);
+        std::memcpy(p, &h, 2);
+        break;
+      }
+    }
+  }
+}
+
+void load_row(KVCacheType type, const uint8_t* src, int64_t n, int64_t stride, float* dst) {
+  for (int64_t i = 0; i < n; i++) {
+    const uint8_t* p = src + i * stride * kv_element_bytes(type);
+    uint16_t h;
+    switch (type) {
+      case KVCacheType::F32: std::memcpy(&dst[i], p, 4); break;
+      case KVCacheType::F16: std::memcpy(&h, p, 2), dst[i] = f16_to_f32(h); break;
+      case KVCacheType::BF16: std::memcpy(&h, p, 2), dst[i] = bf16_to_f32(h); break;
+    }
+  }
+}
+
+constexpr int64_t kAlign = 64;
+
+}  // namespace
+
+void BlockPool::FreeBytes::operator()(uint8_t* p) const { std::free(p); }
 
 BlockPool::BlockPool(KVShape shape, int64_t max_blocks)
     : shape_(shape),
       max_blocks_(max_blocks),
-      floats_per_layer_(2 * shape.num_kv_heads * shape.block_size * shape.head_dim),
-      blocks_(max_blocks) {
+      bytes_per_layer_(2 * shape.num_kv_heads * shape.block_size * shape.head_dim * shape.element_bytes()) {
+  blocks_.resize(max_blocks);
   free_list_.reserve(max_blocks);
   for (int64_t b = max_blocks - 1; b >= 0; b--) free_list_.push_back(int32_t(b));
 }
@@ -24,17 +100,23 @@ int32_t BlockPool::allocate() {
                 std::to_string(shape_.block_size) + " tokens are in use");
   int32_t block = free_list_.back();
   free_list_.pop_back();
-  if (!blocks_[block]) blocks_[block].reset(new float[floats_per_layer_ * shape_.num_layers]);
+  if (!blocks_[block]) {
+    // Rounded up to the alignment, plus the padding that kernels' whole-vector loads may touch;
+    // zeroed so those lanes hold finite numbers.
+    const int64_t bytes = (bytes_per_layer_ * shape_.num_layers + 2 * kAlign - 1) / kAlign * kAlign;
+    auto* p = static_cast<uint8_t*>(std::aligned_alloc(kAlign, size_t(bytes)));
+    if (!p) throw Error("out of memory for a KV cache block of " + std::to_string(bytes) + " bytes");
+    std::memset(p, 0, size_t(bytes));
+    blocks_[block].reset(p);
+  }
   return block;
 }
 
 void BlockPool::release(int32_t block) { free_list_.push_back(block); }
 
-float* BlockPool::keys(int32_t block, int64_t layer) { return blocks_[block].get() + layer * floats_per_layer_; }
+uint8_t* BlockPool::keys(int32_t block, int64_t layer) { return blocks_[block].get() + layer * bytes_per_layer_; }
 
-float* BlockPool::values(int32_t block, int64_t layer) {
-  return keys(block, layer) + floats_per_layer_ / 2;
-}
+uint8_t* BlockPool::values(int32_t block, int64_t layer) { return keys(block, layer) + bytes_per_layer_ / 2; }
 
 KVCache::KVCache(std::shared_ptr<BlockPool> pool, int64_t max_positions)
     : pool_(std::move(pool)), max_positions_(max_positions) {}
@@ -60,16 +142,36 @@ void KVCache::reserve(int64_t end) {
   while (int64_t(block_table_.size()) * block_size < end) block_table_.push_back(pool_->allocate());
 }
 
-float* KVCache::key(int64_t layer, int64_t kv_head, int64_t pos) {
+uint8_t* KVCache::keys_of(int64_t layer, int64_t kv_head, int64_t block) const {
   const KVShape& s = shape();
-  float* block = pool_->keys(block_table_[pos / s.block_size], layer);
-  return block + (kv_head * s.block_size + pos % s.block_size) * s.head_dim;
+  return pool_->keys(block_table_[block], layer) + kv_head * s.head_dim * s.block_size * s.element_bytes();
 }
 
-float* KVCache::value(int64_t layer, int64_t kv_head, int64_t pos) {
+uint8_t* KVCache::values_of(int64_t layer, int64_t kv_head, int64_t block) const {
   const KVShape& s = shape();
-  float* block = pool_->values(block_table_[pos / s.block_size], layer);
-  return block + (kv_head * s.block_size + pos % s.block_size) * s.head_dim;
+  return pool_->values(block_table_[block], layer) + kv_head * s.block_size * s.head_dim * s.element_bytes();
+}
+
+void KVCache::write(int64_t layer, int64_t kv_head, int64_t pos, const float* key, const float* value) {
+  const KVShape& s = shape();
+  const int64_t block = pos / s.block_size, slot = pos % s.block_size, e = s.element_bytes();
+  uint8_t* keys = keys_of(layer, kv_head, block) + slot * e;
+  uint8_t* values = values_of(layer, kv_head, block) + slot * s.head_dim * e;
+  store_row(s.type, key, s.head_dim, s.block_size, keys);  // one column of the transposed keys
+  store_row(s.type, value, s.head_dim, 1, values);
+}
+
+void KVCache::read_key(int64_t layer, int64_t kv_head, int64_t pos, float* key) const {
+  const KVShape& s = shape();
+  const uint8_t* keys = key_block(layer, kv_head, pos / s.block_size) + pos % s.block_size * s.element_bytes();
+  load_row(s.type, keys, s.head_dim, s.block_size, key);
+}
+
+void KVCache::read_value(int64_t layer, int64_t kv_head, int64_t pos, float* value) const {
+  const KVShape& s = shape();
+  const uint8_t* values =
+      value_block(layer, kv_head, pos / s.block_size) + pos % s.block_size * s.head_dim * s.element_bytes();
+  load_row(s.type, values, s.head_dim, 1, value);
 }
 
 }  // namespace afm

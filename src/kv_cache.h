@@ -4,16 +4,36 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace afm {
 
+// The element type of cached keys and values, fixed when the pool is made. F32 keeps the cache
+// exact; F16 (11 significant bits, range ±65504) and BF16 (8 bits, f32's range) halve the bytes
+// that every decode step reads at long contexts. Rows are written rounded to nearest even and
+// widened exactly to f32 when read.
+enum class KVCacheType { F32, F16, BF16 };
+
+const char* kv_cache_type_name(KVCacheType type);          // "f32", "f16", "bf16"
+KVCacheType parse_kv_cache_type(const std::string& name);  // throws afm::Error for another name
+int64_t kv_element_bytes(KVCacheType type);                // 4 or 2
+
 struct KVShape {
   int64_t num_layers = 0, num_kv_heads = 0, head_dim = 0;
   int64_t block_size = 16;  // tokens per block
+  KVCacheType type = KVCacheType::F32;
+
+  int64_t element_bytes() const { return kv_element_bytes(type); }
+  // Bytes of K and V of one position, over every layer and kv head.
+  int64_t bytes_per_position() const { return num_layers * 2 * num_kv_heads * head_dim * element_bytes(); }
 };
 
-// Storage for blocks. A block holds, for every layer, K then V as [kv_head][slot][head_dim].
+// Storage for blocks. A block holds, for every layer, K then V. Keys are stored transposed,
+// [kv_head][head_dim][slot], so attention scores a block's slots as one SIMD vector per head_dim
+// element with no horizontal sums; values stay [kv_head][slot][head_dim], the layout the weighted
+// sum of value rows wants. Each block is 64-byte aligned and followed by 64 bytes of padding, so a
+// kernel may load a whole vector of slots past the last one of a short block (lanes it then masks).
 class BlockPool {
  public:
   BlockPool(KVShape shape, int64_t max_blocks);
@@ -23,14 +43,17 @@ class BlockPool {
   int64_t free_blocks() const;
   int32_t allocate();  // throws afm::Error when the pool is exhausted
   void release(int32_t block);
-  float* keys(int32_t block, int64_t layer);
-  float* values(int32_t block, int64_t layer);
+  uint8_t* keys(int32_t block, int64_t layer);    // [kv_head][head_dim][slot] elements of shape().type
+  uint8_t* values(int32_t block, int64_t layer);  // [kv_head][slot][head_dim]
 
  private:
+  struct FreeBytes {
+    void operator()(uint8_t* p) const;
+  };
   KVShape shape_;
   int64_t max_blocks_;
-  int64_t floats_per_layer_;  // K + V of one layer in one block
-  std::vector<std::unique_ptr<float[]>> blocks_;  // allocated on first use
+  int64_t bytes_per_layer_;  // K + V of one layer in one block
+  std::vector<std::unique_ptr<uint8_t, FreeBytes>> blocks_;  // allocated on first use
   std::vector<int32_t> free_list_;
 };
 
@@ -54,11 +77,25 @@ class KVCache {
   // Forget positions from `length` on, returning whole blocks past it to the pool.
   void truncate(int64_t length);
 
-  // Row of head_dim floats for (layer, kv_head, position).
-  float* key(int64_t layer, int64_t kv_head, int64_t pos);
-  float* value(int64_t layer, int64_t kv_head, int64_t pos);
+  // One position's key and value rows of head_dim f32s for (layer, kv_head): written rounded to
+  // the cache's type, read back widened to f32. The position must be reserved.
+  void write(int64_t layer, int64_t kv_head, int64_t pos, const float* key, const float* value);
+  void read_key(int64_t layer, int64_t kv_head, int64_t pos, float* key) const;
+  void read_value(int64_t layer, int64_t kv_head, int64_t pos, float* value) const;
+
+  // The raw rows of logical block `block` (positions block * block_size ...) for the kernels:
+  // keys transposed, element (d, slot) at d * block_size + slot; values (slot, d) at
+  // slot * head_dim + d; elements of shape().type.
+  const uint8_t* key_block(int64_t layer, int64_t kv_head, int64_t block) const {
+    return keys_of(layer, kv_head, block);
+  }
+  const uint8_t* value_block(int64_t layer, int64_t kv_head, int64_t block) const {
+    return values_of(layer, kv_head, block);
+  }
 
  private:
+  uint8_t* keys_of(int64_t layer, int64_t kv_head, int64_t block) const;
+  uint8_t* values_of(int64_t layer, int64_t kv_head, int64_t block) const;
   std::shared_ptr<BlockPool> pool_;
   int64_t max_positions_;
   int64_t length_ = 0;

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "blockfloat.h"
 #include "error.h"
 #include "numeric.h"
 #include "multiversion.h"
@@ -42,10 +43,19 @@ std::unique_ptr<Backend> make_backend(Device device, int num_threads) {
   throw Error("this build of afm has no " + device.name() + " backend");
 }
 
+KVCacheType default_kv_cache_type(WeightFormat weights) {
+  return weights == WeightFormat::F32 ? KVCacheType::F32 : KVCacheType::F16;
+}
+
+static KVCacheType chosen_kv_cache_type(const ModelOptions& options) {
+  return options.kv_cache.value_or(default_kv_cache_type(options.weights));
+}
+
 Model::Model(const ModelContext& context)
     : config_(context.config), max_seq_len_(context.options.max_seq_len), weight_format_(context.options.weights) {
   const ModelConfig& c = config_;
   KVShape shape{c.num_layers, c.num_kv_heads, c.head_dim};
+  shape.type = chosen_kv_cache_type(context.options);
   pool_ = std::make_shared<BlockPool>(shape, (max_seq_len_ + shape.block_size - 1) / shape.block_size);
 }
 
@@ -92,6 +102,7 @@ const TensorView& WeightLoader::make_random(const std::string& name, std::vector
 
 Weight WeightLoader::matrix(const std::string& name, int64_t rows, int64_t cols, WeightFormat format) {
   Weight w = make_weight(fetch(name, {rows, cols}), format);
+  if (is_block_float(w.format)) w.inputs = block_float_inputs_;
   // A made-up tensor lives on only in a Weight that points at it; converted, it can go (a tied
   // weight asked for again is made again, with the same values).
   random_.erase(name);
@@ -126,13 +137,15 @@ static int64_t available_memory() {
   return 0;
 }
 
-static int64_t choose_max_seq_len(const ModelConfig& c, int64_t requested) {
+static int64_t choose_max_seq_len(const ModelConfig& c, const ModelOptions& options) {
+  const int64_t requested = options.max_seq_len;
   // Positions are int32 in the op set.
   if (requested < 0 || requested > INT32_MAX) throw Error("max_seq_len must be between 1 and 2^31 - 1");
   if (requested > 0) return requested;
   // Default: the config's limit, capped so a full KV cache and the RoPE cos/sin tables take at
   // most half the free memory.
-  const int64_t bytes_per_token = (c.num_layers * 2 * c.num_kv_heads + 1) * c.head_dim * int64_t(sizeof(float));
+  const int64_t bytes_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * kv_element_bytes(chosen_kv_cache_type(options)) +
+                                  c.head_dim * int64_t(sizeof(float));
   const int64_t memory = available_memory();
   int64_t limit = c.max_position_embeddings;
   if (memory > 0) limit = std::min(limit, memory / 2 / bytes_per_token);
@@ -151,7 +164,7 @@ static const ModelFamily& find_family(const ModelConfig& config, const std::stri
 std::unique_ptr<Model> build_model(const ModelConfig& config, Checkpoint checkpoint, const ModelOptions& options) {
   const ModelFamily& family = find_family(config, "config");
   ModelContext context{config, std::move(checkpoint), options, make_backend(options.device, options.num_threads)};
-  context.options.max_seq_len = choose_max_seq_len(config, options.max_seq_len);
+  context.options.max_seq_len = choose_max_seq_len(config, options);
   return family.build(context);
 }
 

@@ -5,6 +5,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -20,9 +21,18 @@ struct ModelOptions {
   Device device = Device::cpu();
   int64_t max_seq_len = 0;                    // 0: the config's limit, capped by available memory
   WeightFormat weights = WeightFormat::F32;
+  std::optional<KVCacheType> kv_cache;        // unset: default_kv_cache_type(weights)
+  // What bfp8/bfp4 matrix-vector products round their input to: BF16 (the bring-up note's
+  // numerics) or Int8 (blocks of 16 for the int8 dot kernels; weight.h). Other formats ignore it.
+  MatmulInputs block_float_inputs = MatmulInputs::BF16;
   int num_threads = 0;                        // 0: all cores
   std::function<void(int64_t done, int64_t total)> on_progress;  // called as weight layers load
 };
+
+// The KV cache element type a weight format gets unless asked otherwise: f32 for f32 weights,
+// which must match transformers to f32 rounding, and f16 for the reduced formats, whose accuracy
+// bars it keeps (docs/ACCURACY.md) while halving the cache bytes every decode step reads.
+KVCacheType default_kv_cache_type(WeightFormat weights);
 
 // Called with the input of each decoder layer (layer < num_layers) and, last, with the final
 // norm's output (layer == num_layers): the same points as HF's output_hidden_states.
@@ -37,6 +47,9 @@ class Model {
   const ModelConfig& config() const { return config_; }
   int64_t max_seq_len() const { return max_seq_len_; }
   WeightFormat weight_format() const { return weight_format_; }
+  KVCacheType kv_cache_type() const { return pool_->shape().type; }
+  // Bytes of cached keys and values per position (every layer), in the cache's element type.
+  int64_t kv_bytes_per_position() const { return pool_->shape().bytes_per_position(); }
   // Bytes of weights one decode step reads (every matmul; the embedding row is negligible).
   int64_t matmul_weight_bytes() const { return matmul_weight_bytes_; }
   std::unique_ptr<KVCache> new_cache() const { return std::make_unique<KVCache>(pool_, max_seq_len_); }
@@ -67,7 +80,8 @@ struct ModelContext {
 // tensor in the checkpoint that the model never asked for.
 class WeightLoader {
  public:
-  explicit WeightLoader(const Checkpoint& checkpoint) : checkpoint_(checkpoint) {}
+  explicit WeightLoader(const Checkpoint& checkpoint, const ModelOptions& options = {})
+      : checkpoint_(checkpoint), block_float_inputs_(options.block_float_inputs) {}
   Weight matrix(const std::string& name, int64_t rows, int64_t cols, WeightFormat format);
   Weight vector(const std::string& name, int64_t size);  // norm weights: always exact
   bool contains(const std::string& name) const { return checkpoint_.contains(name); }
@@ -77,6 +91,7 @@ class WeightLoader {
   const TensorView& fetch(const std::string& name, std::vector<int64_t> shape);
   const TensorView& make_random(const std::string& name, std::vector<int64_t> shape);
   const Checkpoint& checkpoint_;
+  MatmulInputs block_float_inputs_;
   std::vector<std::string> used_;
   std::map<std::string, TensorView> random_;  // tensors made up for a random checkpoint
 };

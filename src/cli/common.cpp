@@ -16,6 +16,13 @@ void ModelFlags::add_to(CLI::App& cmd) {
   cmd.add_option("--model,-m", dir, "HF checkpoint folder or GGUF file (default: the embedded afm-tiny-austen)");
   cmd.add_option("--device", device, "cpu or cuda")->capture_default_str();
   cmd.add_option("--weights", weights, "weight format: f32, bf16, bfp8 or bfp4 (eval: also a list, or all)")->capture_default_str();
+  cmd.add_option("--kv-cache", kv_cache, "KV cache type: f32, f16 or bf16 (default: f32 for f32 weights, else f16)")
+      ->check(CLI::IsMember({"f32", "f16", "bf16"}));
+  cmd.add_option("--activations", activations,
+                 "what bfp8/bfp4 matrix-vector products round their input to: bf16, or int8 per block of 16 for "
+                 "the int8 dot kernels")
+      ->check(CLI::IsMember({"bf16", "int8"}))
+      ->capture_default_str();
   cmd.add_option("--max-seq-len", max_seq_len, "context limit (default: the config's, capped by memory)");
   cmd.add_option("--threads,-t", threads, "CPU threads (default: all cores)");
 }
@@ -24,6 +31,8 @@ ModelOptions ModelFlags::options() const {
   ModelOptions options;
   options.device = Device::parse(device);
   options.weights = parse_weight_format(weights);
+  if (!kv_cache.empty()) options.kv_cache = parse_kv_cache_type(kv_cache);
+  options.block_float_inputs = activations == "int8" ? MatmulInputs::Int8 : MatmulInputs::BF16;
   options.max_seq_len = max_seq_len;
   options.num_threads = threads;
   return options;
@@ -35,9 +44,9 @@ std::unique_ptr<Model> ModelFlags::build() const {
   const auto start = std::chrono::steady_clock::now();
   auto model = build_model(dir, options);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::fprintf(stderr, "%sloaded %s (%s, %ld layers, %s weights) in %.2f s\n", progress_line_end(),
+  std::fprintf(stderr, "%sloaded %s (%s, %ld layers, %s weights, %s KV cache) in %.2f s\n", progress_line_end(),
                dir.c_str(), model->config().architecture.c_str(), long(model->config().num_layers),
-               format_name(model->weight_format()).c_str(), seconds);
+               format_name(model->weight_format()).c_str(), kv_cache_type_name(model->kv_cache_type()), seconds);
   return model;
 }
 

@@ -18,6 +18,8 @@ struct ModelFlags {
   std::string device = "cpu";
   // The fastest format that meets the bring-up note's accuracy bar (docs/ACCURACY.md).
   std::string weights = "bfp8";
+  std::string activations = "bf16";  // bf16 or int8 (ModelOptions::block_float_inputs)
+  std::string kv_cache;  // f32, f16 or bf16; empty: the weight format's default (model.h)
   int64_t max_seq_len = 0;
   int threads = 0;
 
