@@ -174,6 +174,7 @@ void run(BenchFlags flags) {
   const int64_t weight_bytes = model->matmul_weight_bytes();
   const int64_t kv_bytes_per_position = model->kv_bytes_per_position();
   const std::string weights = format_name(model->weight_format());
+  const std::string kv_cache = kv_cache_type_name(model->kv_cache_type());
   std::fprintf(stderr, "loaded %s (%s, %s weights) in %.2f s; warming up\n", source.c_str(), c.architecture.c_str(),
                weights.c_str(), load_s);
   auto warm_up = [&](Model& m) {
@@ -214,7 +215,8 @@ void run(BenchFlags flags) {
   const cpu::Peak fma = cpu::f32_fma_peak(pool), int8 = cpu::int8_dot_peak(pool);
 
   nlohmann::json out = {
-      {"model", source}, {"architecture", c.architecture}, {"weights", weights}, {"threads", threads},
+      {"model", source}, {"architecture", c.architecture}, {"weights", weights}, {"kv_cache", kv_cache},
+      {"activations", flags.model.activations}, {"threads", threads},
       {"kernel_isa", cpu::isa_name(cpu::best_isa())}, {"load_s", load_s}, {"rss_GB", rss_GB},
       {"bandwidth_GBps", bandwidth},
       {"compute_peak_GFLOPs", fma.all_threads}, {"compute_peak_per_thread_GFLOPs", fma.per_thread},
@@ -275,7 +277,7 @@ void run(BenchFlags flags) {
                 out["prefill_GFLOPs"][key].get<double>(), out["prefill_pct_of_peak"][key].get<double>(), prefill[i].runs);
   }
   std::printf("\ndecode   (%ld steps after a cache of `context` random keys/values; bytes/token = matmul weights + the\n"
-              "         f32 KV read; floor = bandwidth / bytes)\n", long(flags.gen));
+              "         %s KV read; floor = bandwidth / bytes)\n", long(flags.gen), kv_cache.c_str());
   std::printf("  %8s %10s %10s %10s %12s %8s %5s\n", "context", "tok/s", "ms/token", "MB/token", "floor tok/s",
               "% floor", "runs");
   for (size_t i = 0; i < rows.size(); i++)
