@@ -186,17 +186,6 @@ AFM_AVX2 void dot_avx2_n(const Row& w, const float* x, int64_t x_stride, int64_t
   }
 }
 
-template <class Row>
-AFM_AVX2 void dot_avx2(const uint8_t* w_row, const float* x, int64_t x_stride, int n_x, int64_t k, float* out) {
-  const Row w(w_row, k);
-  switch (n_x) {
-    case 1: return dot_avx2_n<Row, 1>(w, x, x_stride, k, out);
-    case 2: return dot_avx2_n<Row, 2>(w, x, x_stride, k, out);
-    case 3: return dot_avx2_n<Row, 3>(w, x, x_stride, k, out);
-    case 4: return dot_avx2_n<Row, 4>(w, x, x_stride, k, out);
-    default: bad_n_x(n_x);
-  }
-}
 
 template <class Row>
 AFM_AVX2 void decode_avx2(const uint8_t* w_row, int64_t k, int64_t begin, int64_t count, float* dst) {
@@ -309,22 +298,23 @@ AFM_AVX512 void decode_avx512(const uint8_t* w_row, int64_t k, int64_t begin, in
   }
 }
 
-template <class Row>
-AFM_AVX512 void dot_avx512(const uint8_t* w_row, const float* x, int64_t x_stride, int n_x, int64_t k,
-                           float* out) {
-  const Row w(w_row, k);
-  switch (n_x) {
-    case 1: return dot_avx512_n<Row, 1>(w, x, x_stride, k, out);
-    case 2: return dot_avx512_n<Row, 2>(w, x, x_stride, k, out);
-    case 3: return dot_avx512_n<Row, 3>(w, x, x_stride, k, out);
-    case 4: return dot_avx512_n<Row, 4>(w, x, x_stride, k, out);
-    default: bad_n_x(n_x);
-  }
-}
 
 #pragma GCC diagnostic pop
 
 #endif  // AFM_X86
+
+// The dot kernel for a run-time n_x: Kernel<NX>::run for n_x = 1..kMaxDotRows.
+template <class Row, template <int> class Kernel>
+void by_row_count(const uint8_t* w_row, const float* x, int64_t x_stride, int n_x, int64_t k, float* out) {
+  const Row w(w_row, k);
+  switch (n_x) {
+    case 1: return Kernel<1>::run(w, x, x_stride, k, out);
+    case 2: return Kernel<2>::run(w, x, x_stride, k, out);
+    case 3: return Kernel<3>::run(w, x, x_stride, k, out);
+    case 4: return Kernel<4>::run(w, x, x_stride, k, out);
+    default: bad_n_x(n_x);
+  }
+}
 
 struct Kernels {
   DotFn dot;
@@ -332,22 +322,28 @@ struct Kernels {
 };
 
 template <class Row>
-Kernels pick(Isa isa) {
+struct RowKernels {
 #ifdef AFM_X86
-  if (isa == Isa::Avx2) return {dot_avx2<Row>, decode_avx2<Row>};
-  if (isa == Isa::Avx512 || isa == Isa::Avx512Vnni) return {dot_avx512<Row>, decode_avx512<Row>};
+  template <int NX> struct Avx2 { static constexpr auto run = dot_avx2_n<Row, NX>; };
+  template <int NX> struct Avx512 { static constexpr auto run = dot_avx512_n<Row, NX>; };
 #endif
-  return {dot_scalar<Row>, decode_scalar<Row>};
-}
+  static Kernels pick(Isa isa) {
+#ifdef AFM_X86
+    if (isa == Isa::Avx2) return {by_row_count<Row, Avx2>, decode_avx2<Row>};
+    if (isa == Isa::Avx512 || isa == Isa::Avx512Vnni) return {by_row_count<Row, Avx512>, decode_avx512<Row>};
+#endif
+    return {dot_scalar<Row>, decode_scalar<Row>};
+  }
+};
 
 Kernels kernels(WeightFormat format, Isa isa) {
   if (!isa_supported(isa)) throw Error(std::string("dot kernel: this CPU does not support ") + isa_name(isa));
   switch (format) {
-    case WeightFormat::F32: return pick<F32Row>(isa);
-    case WeightFormat::F16: return pick<F16Row>(isa);
-    case WeightFormat::BF16: return pick<BF16Row>(isa);
-    case WeightFormat::BFP8: return pick<BfpRow<Bfp8>>(isa);
-    case WeightFormat::BFP4: return pick<BfpRow<Bfp4>>(isa);
+    case WeightFormat::F32: return RowKernels<F32Row>::pick(isa);
+    case WeightFormat::F16: return RowKernels<F16Row>::pick(isa);
+    case WeightFormat::BF16: return RowKernels<BF16Row>::pick(isa);
+    case WeightFormat::BFP8: return RowKernels<BfpRow<Bfp8>>::pick(isa);
+    case WeightFormat::BFP4: return RowKernels<BfpRow<Bfp4>>::pick(isa);
   }
   throw Error("dot kernel: unknown weight format");
 }
