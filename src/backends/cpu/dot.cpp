@@ -7,6 +7,7 @@
 #include <cstring>
 #include <string>
 
+#include "backends/cpu/row_count.h"
 #include "backends/cpu/simd.h"
 #include "blockfloat.h"
 #include "error.h"
@@ -73,13 +74,9 @@ struct BfpRow {
   const uint8_t* stream(int64_t i) const { return payload(i); }
 };
 
-[[noreturn]] void bad_n_x(int n_x) {
-  throw Error("dot kernel: n_x = " + std::to_string(n_x) + ", expected 1.." + std::to_string(kMaxDotRows));
-}
-
 template <class Row>
 void dot_scalar(const uint8_t* w_row, const float* x, int64_t x_stride, int n_x, int64_t k, float* out) {
-  if (n_x < 1 || n_x > kMaxDotRows) bad_n_x(n_x);
+  if (n_x < 1 || n_x > kMaxDotRows) bad_row_count("dot kernel", n_x);
   const Row w(w_row, k);
   float acc[kMaxDotRows] = {};
   for (int64_t i = 0; i < k; i++) {
@@ -303,17 +300,10 @@ AFM_AVX512 void decode_avx512(const uint8_t* w_row, int64_t k, int64_t begin, in
 
 #endif  // AFM_X86
 
-// The dot kernel for a run-time n_x: Kernel<NX>::run for n_x = 1..kMaxDotRows.
+// A DotFn over Kernel<NX>::run, which takes the row reader.
 template <class Row, template <int> class Kernel>
 void by_row_count(const uint8_t* w_row, const float* x, int64_t x_stride, int n_x, int64_t k, float* out) {
-  const Row w(w_row, k);
-  switch (n_x) {
-    case 1: return Kernel<1>::run(w, x, x_stride, k, out);
-    case 2: return Kernel<2>::run(w, x, x_stride, k, out);
-    case 3: return Kernel<3>::run(w, x, x_stride, k, out);
-    case 4: return Kernel<4>::run(w, x, x_stride, k, out);
-    default: bad_n_x(n_x);
-  }
+  run_for_row_count<Kernel>("dot kernel", n_x, Row(w_row, k), x, x_stride, k, out);
 }
 
 struct Kernels {

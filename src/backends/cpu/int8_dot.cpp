@@ -7,6 +7,7 @@
 #include <cstring>
 #include <string>
 
+#include "backends/cpu/row_count.h"
 #include "backends/cpu/simd.h"
 #include "blockfloat.h"
 #include "error.h"
@@ -18,10 +19,6 @@ namespace {
 constexpr int64_t kGroup = 64;  // int8 values in one 512-bit vector: 4 blocks
 
 int weight_offset(WeightFormat format) { return format == WeightFormat::BFP8 ? 128 : 8; }
-
-[[noreturn]] void bad_n_x(int n_x) {
-  throw Error("int8 dot kernel: n_x = " + std::to_string(n_x) + ", expected 1.." + std::to_string(kMaxDotRows));
-}
 
 // Pointers to one quantized row.
 struct XRow {
@@ -37,7 +34,7 @@ XRow x_row(const Int8Rows& x, int64_t row) {
 
 template <class BF>
 void int8_dot_scalar(const uint8_t* w_row, const Int8Rows& x, int64_t first, int n_x, float* out) {
-  if (n_x < 1 || n_x > kMaxDotRows) bad_n_x(n_x);
+  if (n_x < 1 || n_x > kMaxDotRows) bad_row_count("int8 dot kernel", n_x);
   const int64_t blocks = block_float_blocks(x.k);
   const uint8_t* payloads = w_row + blocks;
   for (int j = 0; j < n_x; j++) {
@@ -187,16 +184,10 @@ AFM_AVX2 void int8_dot_avx2_n(const uint8_t* w_row, const Int8Rows& x, int64_t f
 
 #endif  // AFM_X86
 
-// The kernel for a run-time n_x: Kernel<NX>::run for n_x = 1..kMaxDotRows.
+// An Int8DotFn over Kernel<NX>::run.
 template <template <int> class Kernel>
 void by_row_count(const uint8_t* w_row, const Int8Rows& x, int64_t first, int n_x, float* out) {
-  switch (n_x) {
-    case 1: return Kernel<1>::run(w_row, x, first, out);
-    case 2: return Kernel<2>::run(w_row, x, first, out);
-    case 3: return Kernel<3>::run(w_row, x, first, out);
-    case 4: return Kernel<4>::run(w_row, x, first, out);
-    default: bad_n_x(n_x);
-  }
+  run_for_row_count<Kernel>("int8 dot kernel", n_x, w_row, x, first, out);
 }
 
 template <class BF>
