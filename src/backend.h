@@ -54,6 +54,9 @@ class Backend {
   virtual void attention(const Tensor& q, KVCache& cache, int64_t layer, std::span<const int32_t> positions,
                          Tensor& out) = 0;
 
+  // out[i] = x[rows[i]]: the rows a batch needs logits for.
+  virtual void gather_rows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) = 0;
+
   // Element-wise pieces of the residual stream and the MLPs.
   virtual void add(Tensor& x, const Tensor& y) = 0;             // x += y
   virtual void relu_squared(Tensor& x) = 0;                     // x = relu(x)^2

@@ -2324,12 +2324,35 @@ ChatTemplate ChatTemplate::from_tokenizer_config(const std::string& path) {
   return t;
 }
 
-std::string ChatTemplate::render(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const {
+nlohmann::ordered_json chat_template_context(const nlohmann::ordered_json& messages, const nlohmann::ordered_json& tools,
+                                             bool add_generation_prompt) {
   nlohmann::ordered_json context;
   context["messages"] = nlohmann::ordered_json::array();
-  for (const ChatMessage& m : messages) context["messages"].push_back({{"role", m.role}, {"content", m.content}});
+  for (const auto& message : messages) {
+    // transformers copies a message's reasoning under every name templates read it by: `thinking`
+    // first, the message's own keys, then `reasoning_content` (chat_template_utils._alias_reasoning_fields).
+    nlohmann::ordered_json aliased = message;
+    for (const char* key : {"reasoning_content", "thinking", "reasoning"}) {
+      auto it = message.find(key);
+      if (it == message.end() || it->is_null()) continue;
+      aliased = {{"thinking", *it}};
+      for (auto m = message.begin(); m != message.end(); ++m) aliased[m.key()] = m.value();
+      aliased["reasoning_content"] = *it;
+      break;
+    }
+    context["messages"].push_back(std::move(aliased));
+  }
+  // As apply_chat_template does: tools and documents are always passed, none when not given.
+  context["tools"] = tools;
+  context["documents"] = nullptr;
   context["add_generation_prompt"] = add_generation_prompt;
-  return render(context);
+  return context;
+}
+
+std::string ChatTemplate::render(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const {
+  nlohmann::ordered_json list = nlohmann::ordered_json::array();
+  for (const ChatMessage& m : messages) list.push_back({{"role", m.role}, {"content", m.content}});
+  return render(chat_template_context(list, nullptr, add_generation_prompt));
 }
 
 std::string ChatTemplate::render(const nlohmann::ordered_json& context) const {

@@ -20,6 +20,12 @@ struct ChatMessage {
   std::string content;
 };
 
+// The variables transformers' apply_chat_template passes a template: `messages` (an array of
+// message objects, each with its reasoning copied under every name templates read it by), `tools`
+// (null when none), `documents` (null) and `add_generation_prompt`.
+nlohmann::ordered_json chat_template_context(const nlohmann::ordered_json& messages, const nlohmann::ordered_json& tools,
+                                             bool add_generation_prompt);
+
 class ChatTemplate {
  public:
   // Throws afm::Error on syntax errors and on constructs the interpreter does not support.

@@ -38,6 +38,37 @@ std::string StopStringFilter::flush() {
   return out;
 }
 
+TokenGenerator::TokenGenerator(const Tokenizer& tokenizer, std::span<const int32_t> prompt,
+                               const GenerateOptions& options, int64_t context_limit)
+    : options_(options),
+      context_limit_(context_limit),
+      sampler_(options.sampling),
+      decoder_(tokenizer, /*skip_special_tokens=*/true),
+      stop_filter_(options.stop_strings),
+      context_(prompt.begin(), prompt.end()) {
+  if (options.max_new_tokens <= 0) finish_reason_ = "length";
+}
+
+std::string TokenGenerator::step(std::span<const float> logits) {
+  if (finished()) throw Error("TokenGenerator::step after the sequence finished");
+  last_token_ = sampler_.sample(logits, context_);
+  generated_++;
+  std::string text;
+  const auto& eos = options_.eos_token_ids;
+  if (std::find(eos.begin(), eos.end(), last_token_) != eos.end()) {
+    finish_reason_ = "eos";
+  } else {
+    context_.push_back(last_token_);
+    text = stop_filter_.push(decoder_.push(last_token_));
+    if (stop_filter_.stopped())
+      finish_reason_ = "stop";
+    else if (generated_ >= options_.max_new_tokens || int64_t(context_.size()) > context_limit_)
+      finish_reason_ = "length";  // no room for another token, or no position to feed this one at
+  }
+  if (finished()) text += stop_filter_.push(decoder_.flush()) + stop_filter_.flush();
+  return text;
+}
+
 GenerateStats generate(Model& model, const Tokenizer& tokenizer, Session& session, std::span<const int32_t> prompt,
                        const GenerateOptions& options, const TextSink& on_text) {
   using Clock = std::chrono::steady_clock;
@@ -57,40 +88,23 @@ GenerateStats generate(Model& model, const Tokenizer& tokenizer, Session& sessio
   GenerateStats stats;
   stats.prompt_tokens = int64_t(prompt.size());
   stats.cached_prompt_tokens = reused;
-  Sampler sampler(options.sampling);
-  StreamDecoder decoder(tokenizer, /*skip_special_tokens=*/true);
-  StopStringFilter stop_filter(options.stop_strings);
-  std::vector<int32_t> context(prompt.begin(), prompt.end());  // for the repetition penalty
+  TokenGenerator generator(tokenizer, prompt, options, limit);
 
   const auto start = Clock::now();
-  std::span<const int32_t> pending = prompt.subspan(reused);
   auto first_token_time = start;
-  stats.finish_reason = "length";
-  for (int step = 0; step < options.max_new_tokens; step++) {
-    if (session.tokens.size() + pending.size() > size_t(limit)) break;  // context full
+  std::vector<int32_t> pending(prompt.begin() + reused, prompt.end());
+  while (!generator.finished()) {
     std::vector<int32_t> positions(pending.size());
     std::iota(positions.begin(), positions.end(), int32_t(session.tokens.size()));
     Tensor logits = model.forward(pending, positions, *session.cache, Logits::Last);
     session.tokens.insert(session.tokens.end(), pending.begin(), pending.end());
-
-    const int32_t token = sampler.sample({logits.data, size_t(logits.cols)}, context);
-    if (step == 0) first_token_time = Clock::now();
-    stats.generated_tokens++;
-    if (std::find(options.eos_token_ids.begin(), options.eos_token_ids.end(), token) != options.eos_token_ids.end()) {
-      stats.finish_reason = "eos";
-      break;
-    }
-    context.push_back(token);
-    const std::string text = stop_filter.push(decoder.push(token));
+    const std::string text = generator.step({logits.data, size_t(logits.cols)});
+    if (generator.generated_tokens() == 1) first_token_time = Clock::now();
     if (!text.empty()) on_text(text);
-    if (stop_filter.stopped()) {
-      stats.finish_reason = "stop";
-      break;
-    }
-    pending = std::span<const int32_t>(&context.back(), 1);
+    pending.assign(1, generator.last_token());
   }
-  const std::string rest = stop_filter.push(decoder.flush()) + stop_filter.flush();
-  if (!rest.empty()) on_text(rest);
+  stats.generated_tokens = generator.generated_tokens();
+  stats.finish_reason = generator.finish_reason();
 
   const auto end = Clock::now();
   stats.ttft_ms = std::chrono::duration<double, std::milli>(first_token_time - start).count();

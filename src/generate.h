@@ -39,9 +39,6 @@ struct Session {
 
 using TextSink = std::function<void(std::string_view text)>;
 
-GenerateStats generate(Model& model, const Tokenizer& tokenizer, Session& session, std::span<const int32_t> prompt,
-                       const GenerateOptions& options, const TextSink& on_text);
-
 // Holds back streamed text that might be the start of a stop string.
 class StopStringFilter {
  public:
@@ -56,5 +53,40 @@ class StopStringFilter {
   std::string pending_;
   bool stopped_ = false;
 };
+
+// One sequence's generation, step by step, apart from the forward pass: sampling, eos, stop
+// strings, the token and context limits, and the streamed text. generate() drives one through a
+// model alone; the server's scheduler drives many through batched forwards.
+class TokenGenerator {
+ public:
+  // `context_limit`: the most positions the sequence may hold (the model's max_seq_len).
+  TokenGenerator(const Tokenizer& tokenizer, std::span<const int32_t> prompt, const GenerateOptions& options,
+                 int64_t context_limit);
+
+  // Picks the next token from the logits that follow the tokens so far; returns the text now safe
+  // to emit (with the held-back rest once finished). Call only while !finished().
+  std::string step(std::span<const float> logits);
+
+  bool finished() const { return !finish_reason_.empty(); }
+  const std::string& finish_reason() const { return finish_reason_; }  // "eos", "stop", "length"
+  int32_t last_token() const { return last_token_; }   // what step() picked: the next token to feed
+  int64_t generated_tokens() const { return generated_; }  // eos included, as HF counts it
+  // Prompt and generated tokens (eos excepted); the last one is not yet fed to the model.
+  const std::vector<int32_t>& tokens() const { return context_; }
+
+ private:
+  GenerateOptions options_;
+  int64_t context_limit_;
+  Sampler sampler_;
+  StreamDecoder decoder_;
+  StopStringFilter stop_filter_;
+  std::vector<int32_t> context_;  // also the repetition penalty's context
+  int32_t last_token_ = -1;
+  int64_t generated_ = 0;
+  std::string finish_reason_;
+};
+
+GenerateStats generate(Model& model, const Tokenizer& tokenizer, Session& session, std::span<const int32_t> prompt,
+                       const GenerateOptions& options, const TextSink& on_text);
 
 }  // namespace afm

@@ -88,22 +88,30 @@ BlockPool::BlockPool(KVShape shape, int64_t max_blocks)
       max_blocks_(max_blocks),
       bytes_per_layer_(2 * shape.num_kv_heads * shape.block_size * shape.head_dim * shape.element_bytes()) {
   blocks_.resize(max_blocks);
+  owners_.assign(max_blocks, 0);
   free_list_.reserve(max_blocks);
   for (int64_t b = max_blocks - 1; b >= 0; b--) free_list_.push_back(int32_t(b));
 }
 
 int64_t BlockPool::free_blocks() const { return int64_t(free_list_.size()); }
 
+int64_t BlockPool::block_bytes() const {
+  // Rounded up to the alignment, plus the padding that kernels' whole-vector loads may touch.
+  return (bytes_per_layer_ * shape_.num_layers + 2 * kAlign - 1) / kAlign * kAlign;
+}
+
 int32_t BlockPool::allocate() {
+  while (free_list_.empty() && reclaim_ && reclaim_()) {
+  }
   if (free_list_.empty())
     throw Error("KV cache is full: all " + std::to_string(max_blocks_) + " blocks of " +
                 std::to_string(shape_.block_size) + " tokens are in use");
   int32_t block = free_list_.back();
   free_list_.pop_back();
+  owners_[block] = 1;
   if (!blocks_[block]) {
-    // Rounded up to the alignment, plus the padding that kernels' whole-vector loads may touch;
-    // zeroed so those lanes hold finite numbers.
-    const int64_t bytes = (bytes_per_layer_ * shape_.num_layers + 2 * kAlign - 1) / kAlign * kAlign;
+    // Zeroed so the padding lanes hold finite numbers.
+    const int64_t bytes = block_bytes();
     auto* p = static_cast<uint8_t*>(std::aligned_alloc(kAlign, size_t(bytes)));
     if (!p) throw Error("out of memory for a KV cache block of " + std::to_string(bytes) + " bytes");
     std::memset(p, 0, size_t(bytes));
@@ -112,7 +120,11 @@ int32_t BlockPool::allocate() {
   return block;
 }
 
-void BlockPool::release(int32_t block) { free_list_.push_back(block); }
+void BlockPool::retain(int32_t block) { owners_[block]++; }
+
+void BlockPool::release(int32_t block) {
+  if (--owners_[block] == 0) free_list_.push_back(block);
+}
 
 uint8_t* BlockPool::keys(int32_t block, int64_t layer) { return blocks_[block].get() + layer * bytes_per_layer_; }
 
@@ -132,6 +144,35 @@ void KVCache::truncate(int64_t length) {
     block_table_.pop_back();
   }
   length_ = std::min(length_, length);
+  make_last_block_private();
+}
+
+void KVCache::make_last_block_private() {
+  if (block_table_.empty() || length_ % shape().block_size == 0) return;
+  const int32_t shared = block_table_.back();
+  if (pool_->owners(shared) == 1) return;
+  const int32_t own = pool_->allocate();
+  std::memcpy(pool_->keys(own, 0), pool_->keys(shared, 0), size_t(pool_->block_bytes()));
+  pool_->release(shared);
+  block_table_.back() = own;
+}
+
+void KVCache::share_prefix(std::span<const int32_t> blocks) {
+  if (!block_table_.empty()) throw Error("KVCache::share_prefix: the cache is not empty");
+  const int64_t length = int64_t(blocks.size()) * shape().block_size;
+  if (length > max_positions_) throw Error("KVCache::share_prefix: the prefix exceeds the context limit");
+  for (int32_t b : blocks) pool_->retain(b);
+  block_table_.assign(blocks.begin(), blocks.end());
+  length_ = length;
+}
+
+std::unique_ptr<KVCache> KVCache::fork() const {
+  auto copy = std::make_unique<KVCache>(pool_, max_positions_);
+  for (int32_t b : block_table_) pool_->retain(b);
+  copy->block_table_ = block_table_;
+  copy->length_ = length_;
+  copy->make_last_block_private();
+  return copy;
 }
 
 void KVCache::reserve(int64_t end) {

@@ -3,7 +3,9 @@
 // different lengths share one pool without fragmentation (the vLLM layout).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -34,6 +36,10 @@ struct KVShape {
 // element with no horizontal sums; values stay [kv_head][slot][head_dim], the layout the weighted
 // sum of value rows wants. Each block is 64-byte aligned and followed by 64 bytes of padding, so a
 // kernel may load a whole vector of slots past the last one of a short block (lanes it then masks).
+//
+// A block may have several owners (sequences sharing a prompt prefix, forks, a prefix cache): it
+// returns to the free list when the last one releases it. Not thread-safe: one thread (the
+// scheduler's, or the caller's) drives a pool and every cache on it.
 class BlockPool {
  public:
   BlockPool(KVShape shape, int64_t max_blocks);
@@ -41,8 +47,16 @@ class BlockPool {
   const KVShape& shape() const { return shape_; }
   int64_t max_blocks() const { return max_blocks_; }
   int64_t free_blocks() const;
-  int32_t allocate();  // throws afm::Error when the pool is exhausted
-  void release(int32_t block);
+  int64_t block_bytes() const;  // the memory one block takes once used
+  // A block with one owner. When none is free it asks the reclaimer first; throws afm::Error
+  // when the pool is still exhausted.
+  int32_t allocate();
+  void retain(int32_t block);   // one owner more
+  void release(int32_t block);  // one owner fewer
+  int32_t owners(int32_t block) const { return owners_[block]; }
+  // Called by allocate() when no block is free; it releases at least one block and returns true,
+  // or returns false. A prefix cache gives back the blocks only it still holds.
+  void set_reclaimer(std::function<bool()> reclaim) { reclaim_ = std::move(reclaim); }
   uint8_t* keys(int32_t block, int64_t layer);    // [kv_head][head_dim][slot] elements of shape().type
   uint8_t* values(int32_t block, int64_t layer);  // [kv_head][slot][head_dim]
 
@@ -54,7 +68,9 @@ class BlockPool {
   int64_t max_blocks_;
   int64_t bytes_per_layer_;  // K + V of one layer in one block
   std::vector<std::unique_ptr<uint8_t, FreeBytes>> blocks_;  // allocated on first use
+  std::vector<int32_t> owners_;
   std::vector<int32_t> free_list_;
+  std::function<bool()> reclaim_;
 };
 
 // One sequence's view of the pool: its block table and how many positions it holds.
@@ -74,8 +90,18 @@ class KVCache {
   // Mark positions [0, end) as filled (after the backend wrote them).
   void set_length(int64_t end) { length_ = end; }
   void clear();
-  // Forget positions from `length` on, returning whole blocks past it to the pool.
+  // Forget positions from `length` on, returning whole blocks past it to the pool. A shared block
+  // that would be written again (the new last one, partly kept) is first copied, so other owners
+  // keep their contents.
   void truncate(int64_t length);
+
+  // The physical blocks holding positions 0, block_size, 2 * block_size, ... in order.
+  std::span<const int32_t> blocks() const { return block_table_; }
+  // Starts this empty cache from full blocks another sequence wrote (positions
+  // [0, blocks.size() * block_size)), as one more owner of each.
+  void share_prefix(std::span<const int32_t> blocks);
+  // A cache holding the same positions: full blocks are shared, the partial last one is copied.
+  std::unique_ptr<KVCache> fork() const;
 
   // One position's key and value rows of head_dim f32s for (layer, kv_head): written rounded to
   // the cache's type, read back widened to f32. The position must be reserved.
@@ -96,6 +122,7 @@ class KVCache {
  private:
   uint8_t* keys_of(int64_t layer, int64_t kv_head, int64_t block) const;
   uint8_t* values_of(int64_t layer, int64_t kv_head, int64_t block) const;
+  void make_last_block_private();
   std::shared_ptr<BlockPool> pool_;
   int64_t max_positions_;
   int64_t length_ = 0;

@@ -56,7 +56,19 @@ Model::Model(const ModelContext& context)
   const ModelConfig& c = config_;
   KVShape shape{c.num_layers, c.num_kv_heads, c.head_dim};
   shape.type = chosen_kv_cache_type(context.options);
-  pool_ = std::make_shared<BlockPool>(shape, (max_seq_len_ + shape.block_size - 1) / shape.block_size);
+  const int64_t one_sequence = (max_seq_len_ + shape.block_size - 1) / shape.block_size;
+  pool_ = std::make_shared<BlockPool>(shape, context.options.kv_blocks > 0 ? context.options.kv_blocks : one_sequence);
+}
+
+Tensor Model::forward(std::span<const int32_t> tokens, std::span<const int32_t> positions, KVCache& cache,
+                      Logits rows, const HiddenStateTap& tap) {
+  if (tokens.size() != positions.size()) throw Error("forward: tokens and positions differ in length");
+  for (size_t i = 0; i < positions.size(); i++)
+    if (positions[i] != cache.length() + int64_t(i))
+      throw Error("forward: positions must continue the cache (expected " +
+                  std::to_string(cache.length() + int64_t(i)) + ", got " + std::to_string(positions[i]) + ")");
+  const SequenceInput sequence{tokens, &cache};
+  return forward(std::span(&sequence, 1), rows, tap);
 }
 
 const TensorView& WeightLoader::fetch(const std::string& name, std::vector<int64_t> shape) {

@@ -25,6 +25,7 @@ struct ModelOptions {
   // What bfp8/bfp4 matrix-vector products round their input to: BF16 (the bring-up note's
   // numerics) or Int8 (blocks of 16 for the int8 dot kernels; weight.h). Other formats ignore it.
   MatmulInputs block_float_inputs = MatmulInputs::BF16;
+  int64_t kv_blocks = 0;                      // blocks in the KV pool; 0: one sequence of max_seq_len
   int num_threads = 0;                        // 0: all cores
   std::function<void(int64_t done, int64_t total)> on_progress;  // called as weight layers load
 };
@@ -40,6 +41,12 @@ using HiddenStateTap = std::function<void(int64_t layer, const Tensor& hidden)>;
 
 enum class Logits { All, Last };  // rows of logits to compute: every position, or only the last
 
+// One sequence's part of a batched forward: new tokens, at the positions that continue its cache.
+struct SequenceInput {
+  std::span<const int32_t> tokens;
+  KVCache* cache;
+};
+
 class Model {
  public:
   virtual ~Model() = default;
@@ -53,11 +60,19 @@ class Model {
   // Bytes of weights one decode step reads (every matmul; the embedding row is negligible).
   int64_t matmul_weight_bytes() const { return matmul_weight_bytes_; }
   std::unique_ptr<KVCache> new_cache() const { return std::make_unique<KVCache>(pool_, max_seq_len_); }
+  // The pool every cache of this model draws its blocks from (ModelOptions::kv_blocks of them).
+  const std::shared_ptr<BlockPool>& kv_pool() const { return pool_; }
 
   // Run `tokens` at `positions` (which must continue the cache: cache.length(), +1, ...),
   // appending their keys and values to `cache`. Returns logits [T or 1, vocab].
-  virtual Tensor forward(std::span<const int32_t> tokens, std::span<const int32_t> positions, KVCache& cache,
-                         Logits rows = Logits::All, const HiddenStateTap& tap = nullptr) = 0;
+  Tensor forward(std::span<const int32_t> tokens, std::span<const int32_t> positions, KVCache& cache,
+                 Logits rows = Logits::All, const HiddenStateTap& tap = nullptr);
+  // Several sequences in one pass, each continuing its own cache: every matmul reads its weights
+  // once for all of their tokens. Returns the logits of every token of each sequence in turn
+  // (Logits::All) or of each sequence's last token, one row per sequence (Logits::Last). A row's
+  // logits are what the sequence would get alone, up to f32 rounding.
+  virtual Tensor forward(std::span<const SequenceInput> batch, Logits rows = Logits::Last,
+                         const HiddenStateTap& tap = nullptr) = 0;
 
  protected:
   explicit Model(const struct ModelContext& context);

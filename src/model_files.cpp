@@ -47,4 +47,11 @@ GenerationConfig load_model_generation_config(const std::string& model_path, con
   return load_generation_config(in_folder(model_path, "generation_config.json"), model_ids);
 }
 
+std::vector<int32_t> end_of_turn_token_ids(const Tokenizer& tokenizer) {
+  std::vector<int32_t> ids;
+  for (const char* end_of_turn : {"<|im_end|>", "<|eot_id|>"})
+    if (auto id = tokenizer.token_id(end_of_turn)) ids.push_back(*id);
+  return ids;
+}
+
 }  // namespace afm

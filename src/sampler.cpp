@@ -63,6 +63,8 @@ void validate(const SamplingParams& p, const std::string& source) {
   if (!(p.min_p >= 0 && p.min_p <= 1)) fail("min_p must be in [0, 1], got " + num(p.min_p));
   if (!(p.repetition_penalty > 0) || !std::isfinite(p.repetition_penalty))
     fail("repetition_penalty must be a finite number > 0, got " + num(p.repetition_penalty));
+  for (auto [name, value] : {std::pair{"presence_penalty", p.presence_penalty}, {"frequency_penalty", p.frequency_penalty}})
+    if (!(value >= -2 && value <= 2)) fail(std::string(name) + " must be in [-2, 2], got " + num(value));
   if (p.top_k < 0) fail("top_k must be >= 0 (0 = disabled), got " + std::to_string(p.top_k));
 }
 
@@ -86,6 +88,8 @@ std::span<const Candidate> Sampler::candidates(std::span<const float> logits,
                   std::to_string(n));
     if (penalty != 1.0f) scores_[id] = penalize(logits[id], penalty) / temperature;
   }
+  for (auto [id, count] : drawn_)
+    scores_[id] -= (params_.presence_penalty + params_.frequency_penalty * float(count)) / temperature;
 
   kept_.clear();
   if (greedy) {
@@ -155,7 +159,12 @@ std::span<const Candidate> Sampler::candidates(std::span<const float> logits,
 }
 
 int32_t Sampler::sample(std::span<const float> logits, std::span<const int32_t> context) {
-  std::span<const Candidate> dist = candidates(logits, context);
+  const int32_t id = draw(candidates(logits, context));
+  if (params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f) drawn_[id]++;
+  return id;
+}
+
+int32_t Sampler::draw(std::span<const Candidate> dist) {
   if (is_greedy(params_)) return dist[0].id;
   // One draw per sampled token, so the PRNG stream and the token sequence advance together. The top
   // 53 bits make a uniform double in [0, 1) identically on every platform, which

@@ -11,6 +11,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace afm {
@@ -22,6 +23,9 @@ struct SamplingParams {
   float min_p = 0.0f;              // [0, 1]; 0 disables
   float repetition_penalty = 1.0f; // > 0; 1 disables, > 1 discourages tokens already in the context
   int top_k = 0;                   // >= 0; 0 disables
+  // OpenAI's penalties, in [-2, 2]: a token this sampler has already drawn loses presence_penalty
+  // plus frequency_penalty times its count from its logit (before temperature). 0 disables.
+  float presence_penalty = 0.0f, frequency_penalty = 0.0f;
   uint64_t seed = 0;
 };
 
@@ -77,12 +81,15 @@ class Sampler {
   const SamplingParams& params() const { return params_; }
 
  private:
+  int32_t draw(std::span<const Candidate> dist);  // one token from candidates()' distribution
+
   SamplingParams params_;
   std::mt19937_64 rng_;
   // Reused across calls so a 128k vocabulary costs no allocation per token.
   std::vector<float> scores_;       // logits after repetition penalty and temperature
   std::vector<float> order_stat_;   // scratch for the top-k threshold
   std::vector<Candidate> kept_;
+  std::unordered_map<int32_t, int> drawn_;  // how often each token was drawn, for OpenAI's penalties
 };
 
 }  // namespace afm

@@ -128,8 +128,7 @@ void run_chat(const ChatFlags& flags) {
     const std::vector<int32_t> prompt = tokenizer.encode(chat_template.render(history, true), false);
     GenerateOptions options = flags.sampling.resolve(generation_config(flags.model, *model), int64_t(prompt.size()));
     // A turn also ends at the template's end-of-turn token.
-    for (const char* end_of_turn : {"<|im_end|>", "<|eot_id|>"})
-      if (auto id = tokenizer.token_id(end_of_turn)) options.eos_token_ids.push_back(*id);
+    for (int32_t id : end_of_turn_token_ids(tokenizer)) options.eos_token_ids.push_back(id);
     std::string reply;
     GenerateStats stats = generate(*model, tokenizer, session, prompt, options, [&](std::string_view text) {
       reply += text;

@@ -27,20 +27,6 @@ nlohmann::ordered_json read_json(const std::string& path, const char* what) {
   }
 }
 
-// transformers copies a message's reasoning under every name templates read it by: `thinking`
-// first, the message's own keys, then `reasoning_content` (chat_template_utils._alias_reasoning_fields).
-nlohmann::ordered_json alias_reasoning(const nlohmann::ordered_json& message) {
-  for (const char* key : {"reasoning_content", "thinking", "reasoning"}) {
-    auto it = message.find(key);
-    if (it == message.end() || it->is_null()) continue;
-    nlohmann::ordered_json aliased = {{"thinking", *it}};
-    for (auto m = message.begin(); m != message.end(); ++m) aliased[m.key()] = m.value();
-    aliased["reasoning_content"] = *it;
-    return aliased;
-  }
-  return message;
-}
-
 void print_template(const TemplateFlags& flags) {
   ChatTemplate model_template = load_model_chat_template(flags.model);
   ChatTemplate chat = flags.template_file.empty()
@@ -50,20 +36,14 @@ void print_template(const TemplateFlags& flags) {
 
   nlohmann::ordered_json messages = read_json(flags.messages_file, "--messages");
   if (!messages.is_array()) throw Error("--messages " + flags.messages_file + " must hold a JSON array of messages");
-  nlohmann::ordered_json context;
-  context["messages"] = nlohmann::ordered_json::array();
-  for (const auto& message : messages) {
+  for (const auto& message : messages)
     if (!message.is_object()) throw Error("--messages: every message must be a JSON object, got " + message.dump());
-    context["messages"].push_back(alias_reasoning(message));
-  }
-  // As apply_chat_template does: tools and documents are always passed, none when not given.
-  context["tools"] = nullptr;
+  nlohmann::ordered_json tools = nullptr;
   if (!flags.tools_file.empty()) {
-    context["tools"] = read_json(flags.tools_file, "--tools");
-    if (!context["tools"].is_array()) throw Error("--tools " + flags.tools_file + " must hold a JSON array");
+    tools = read_json(flags.tools_file, "--tools");
+    if (!tools.is_array()) throw Error("--tools " + flags.tools_file + " must hold a JSON array");
   }
-  context["documents"] = nullptr;
-  context["add_generation_prompt"] = flags.add_generation_prompt;
+  nlohmann::ordered_json context = chat_template_context(messages, tools, flags.add_generation_prompt);
   for (const std::string& var : flags.vars) {
     size_t eq = var.find('=');
     if (eq == std::string::npos || eq == 0) throw Error("--var takes KEY=JSON, got '" + var + "'");

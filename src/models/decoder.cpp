@@ -67,11 +67,12 @@ class Decoder final : public Model {
       for (const Weight* w : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) matmul_weight_bytes_ += w->bytes();
   }
 
-  Tensor forward(std::span<const int32_t> tokens, std::span<const int32_t> positions, KVCache& cache, Logits rows,
-                 const HiddenStateTap& tap) override {
-    check_positions(tokens, positions, cache);
+  Tensor forward(std::span<const SequenceInput> batch, Logits rows, const HiddenStateTap& tap) override {
+    // The batch's tokens as one matrix, so each weight is read once for all of them; only
+    // attention works per sequence, against its own cache.
+    const Batch in = concatenate(batch);
     const ModelConfig& c = config_;
-    const int64_t T = int64_t(tokens.size());
+    const int64_t T = int64_t(in.tokens.size());
     const float eps = float(c.rms_norm_eps);
     Backend& b = *backend_;
 
@@ -82,7 +83,7 @@ class Decoder final : public Model {
     Tensor up = b.tensor(T, c.intermediate_size);
     Tensor gate = mlp_ == MlpKind::SwiGLU ? b.tensor(T, c.intermediate_size) : Tensor{};
 
-    b.embedding(weights_.embed, tokens, x);
+    b.embedding(weights_.embed, in.tokens, x);
     for (int64_t layer = 0; layer < c.num_layers; layer++) {
       const LayerWeights& w = weights_.layers[layer];
       if (tap) tap(layer, x);
@@ -91,10 +92,16 @@ class Decoder final : public Model {
       b.linear(h, w.q, q);
       b.linear(h, w.k, k);
       b.linear(h, w.v, v);
-      b.rotary(q, c.num_heads, positions, rope_);
-      b.rotary(k, c.num_kv_heads, positions, rope_);
-      b.cache_update(cache, layer, k, v, positions);
-      b.attention(q, cache, layer, positions, attn);
+      b.rotary(q, c.num_heads, in.positions, rope_);
+      b.rotary(k, c.num_kv_heads, in.positions, rope_);
+      for (size_t s = 0; s < batch.size(); s++) {
+        const int64_t first = in.starts[s], n = int64_t(batch[s].tokens.size());
+        const auto positions = std::span(in.positions).subspan(first, n);
+        KVCache& cache = *batch[s].cache;
+        b.cache_update(cache, layer, row_range(k, first, n), row_range(v, first, n), positions);
+        Tensor out = row_range(attn, first, n);
+        b.attention(row_range(q, first, n), cache, layer, positions, out);
+      }
       b.linear(attn, w.o, h);
       b.add(x, h);
 
@@ -110,29 +117,53 @@ class Decoder final : public Model {
       }
       b.add(x, h);
     }
-    cache.set_length(positions.back() + 1);
+    for (size_t s = 0; s < batch.size(); s++) batch[s].cache->set_length(in.positions[in.starts[s + 1] - 1] + 1);
 
     b.rms_norm(x, weights_.final_norm, eps, h);
     if (tap) tap(c.num_layers, h);
-    if (rows == Logits::Last) h = last_row(h);
+    if (rows == Logits::Last) h = last_rows(h, in.starts);
     Tensor logits = b.tensor(h.rows, c.vocab_size);
     b.linear(h, weights_.lm_head, logits);
     return logits;
   }
 
  private:
-  void check_positions(std::span<const int32_t> tokens, std::span<const int32_t> positions, KVCache& cache) const {
-    if (tokens.empty()) throw Error("forward: no tokens");
-    if (tokens.size() != positions.size()) throw Error("forward: tokens and positions differ in length");
-    for (size_t i = 0; i < positions.size(); i++)
-      if (positions[i] != cache.length() + int64_t(i))
-        throw Error("forward: positions must continue the cache (expected " +
-                    std::to_string(cache.length() + int64_t(i)) + ", got " + std::to_string(positions[i]) + ")");
-    cache.reserve(positions.back() + 1);  // throws past max_seq_len
+  struct Batch {
+    std::vector<int32_t> tokens, positions;  // every sequence's, in turn
+    std::vector<int64_t> starts;             // sequence s has rows [starts[s], starts[s + 1])
+  };
+
+  Batch concatenate(std::span<const SequenceInput> batch) const {
+    if (batch.empty()) throw Error("forward: no sequences");
+    Batch in;
+    in.starts.push_back(0);
+    for (const SequenceInput& s : batch) {
+      if (s.tokens.empty()) throw Error("forward: a sequence has no tokens");
+      for (const SequenceInput& other : batch)
+        if (&other != &s && other.cache == s.cache) throw Error("forward: two sequences share a cache");
+      const int64_t begin = s.cache->length(), end = begin + int64_t(s.tokens.size());
+      s.cache->reserve(end);  // throws past max_seq_len
+      in.tokens.insert(in.tokens.end(), s.tokens.begin(), s.tokens.end());
+      for (int64_t p = begin; p < end; p++) in.positions.push_back(int32_t(p));
+      in.starts.push_back(int64_t(in.tokens.size()));
+    }
+    return in;
   }
 
-  // A view of the last row, sharing the storage: no copy, on any device.
-  static Tensor last_row(const Tensor& t) { return Tensor{t.data + (t.rows - 1) * t.cols, 1, t.cols, t.storage}; }
+  // Rows [first, first + n) of t, sharing its storage: no copy, on any device.
+  static Tensor row_range(const Tensor& t, int64_t first, int64_t n) {
+    return Tensor{t.data + first * t.cols, n, t.cols, t.storage};
+  }
+
+  // The last row of each sequence: a view of the only one, or a gathered copy.
+  Tensor last_rows(const Tensor& t, const std::vector<int64_t>& starts) {
+    if (starts.size() == 2) return row_range(t, t.rows - 1, 1);
+    std::vector<int64_t> last(starts.begin() + 1, starts.end());
+    for (int64_t& r : last) r--;
+    Tensor out = backend_->tensor(int64_t(last.size()), t.cols);
+    backend_->gather_rows(t, last, out);
+    return out;
+  }
 
   MlpKind mlp_;
   std::unique_ptr<Backend> backend_;

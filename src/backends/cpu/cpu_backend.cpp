@@ -121,6 +121,10 @@ class CpuBackend final : public Backend {
     cpu::attention(q, cache, layer, positions, out, pool_);
   }
 
+  void gather_rows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) override {
+    for (size_t i = 0; i < rows.size(); i++) std::copy_n(x.row(rows[i]), x.cols, out.row(int64_t(i)));
+  }
+
   void add(Tensor& x, const Tensor& y) override {
     by_elements(x, [&](int64_t i) { x.data[i] += y.data[i]; });
   }
