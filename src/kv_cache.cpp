@@ -168,8 +168,10 @@ void KVCache::share_prefix(std::span<const int32_t> blocks) {
 
 std::unique_ptr<KVCache> KVCache::fork() const {
   auto copy = std::make_unique<KVCache>(pool_, max_positions_);
-  for (int32_t b : block_table_) pool_->retain(b);
-  copy->block_table_ = block_table_;
+  // Only the blocks holding positions: ones reserved past the length stay this cache's own.
+  const int64_t used = (length_ + shape().block_size - 1) / shape().block_size;
+  copy->block_table_.assign(block_table_.begin(), block_table_.begin() + used);
+  for (int32_t b : copy->block_table_) pool_->retain(b);
   copy->length_ = length_;
   copy->make_last_block_private();
   return copy;

@@ -415,3 +415,119 @@ TEST(GenerationConfigFile, WrongTypesAndInvalidValuesThrow) {
     EXPECT_STREQ(e.what(), "gc.json: top_p must be in (0, 1], got 1.2");
   }
 }
+
+// ---------------------------------------------------------------- OpenAI presence / frequency penalties
+//
+// A token this sampler has drawn n > 0 times loses presence_penalty + frequency_penalty * n from
+// its logit, before temperature. Expected choices are worked out by hand next to each case.
+
+namespace {
+std::vector<int32_t> greedy_draws(const SamplingParams& p, const std::vector<float>& logits, int count) {
+  Sampler s(p);
+  std::vector<int32_t> out;
+  for (int i = 0; i < count; i++) out.push_back(s.sample(logits, {}));
+  return out;
+}
+}  // namespace
+
+TEST(SamplerPenalties, PresencePenaltyTurnsTheSecondGreedyDraw) {
+  const std::vector<float> logits = {2.0f, 1.9f, 0.0f};
+  SamplingParams p;  // greedy
+  EXPECT_EQ(greedy_draws(p, logits, 4), (Ids{0, 0, 0, 0}));
+  p.presence_penalty = 0.2f;
+  // 2.0 > 1.9: 0. Then 1.8 < 1.9: 1. Then 1.8 > 1.7: 0, and both stay penalised once: 0, 0.
+  EXPECT_EQ(greedy_draws(p, logits, 5), (Ids{0, 1, 0, 0, 0}));
+}
+
+TEST(SamplerPenalties, FrequencyPenaltyGrowsWithTheCount) {
+  const std::vector<float> logits = {2.0f, 1.75f, 0.0f};
+  SamplingParams p;
+  p.frequency_penalty = 0.15f;
+  // Draw 1: 2.0 > 1.75 -> 0. Draw 2: 2.0 - 0.15 = 1.85 > 1.75 -> 0 (once is not enough).
+  // Draw 3: 2.0 - 0.30 = 1.70 < 1.75 -> 1. Draw 4: 1.70 > 1.75 - 0.15 = 1.60 -> 0.
+  // Draw 5: 2.0 - 0.45 = 1.55 < 1.60 -> 1.
+  EXPECT_EQ(greedy_draws(p, logits, 5), (Ids{0, 0, 1, 0, 1}));
+}
+
+TEST(SamplerPenalties, PresenceAndFrequencyAdd) {
+  const std::vector<float> logits = {2.0f, 1.5f};
+  SamplingParams p;
+  p.presence_penalty = 0.2f;  // alone: 1.8 > 1.5 forever
+  EXPECT_EQ(greedy_draws(p, logits, 4), (Ids{0, 0, 0, 0}));
+  p.presence_penalty = 0.0f;
+  p.frequency_penalty = 0.2f;  // alone: 1.8, 1.6, then 1.4 < 1.5
+  EXPECT_EQ(greedy_draws(p, logits, 4), (Ids{0, 0, 0, 1}));
+  p.presence_penalty = 0.2f;  // together: 2 - 0.4 = 1.6, then 2 - 0.2 - 0.4 = 1.4 < 1.5
+  EXPECT_EQ(greedy_draws(p, logits, 3), (Ids{0, 0, 1}));
+}
+
+TEST(SamplerPenalties, NegativePenaltiesEncourageRepeats) {
+  const std::vector<float> first = {2.0f, 0.0f}, then = {1.0f, 1.5f};
+  SamplingParams p;
+  p.presence_penalty = -1.0f;
+  Sampler s(p);
+  EXPECT_EQ(s.sample(first, {}), 0);
+  EXPECT_EQ(s.sample(then, {}), 0);  // 1.0 + 1.0 = 2.0 > 1.5
+  EXPECT_EQ(Sampler(SamplingParams{}).sample(then, {}), 1);
+}
+
+TEST(SamplerPenalties, OnlyDrawnTokensArePenalisedNotTheContext) {
+  const std::vector<float> logits = {2.0f, 1.9f};
+  SamplingParams p;
+  p.presence_penalty = 0.5f;
+  p.frequency_penalty = 0.5f;
+  Sampler s(p);
+  const std::vector<int32_t> context = {0, 0, 0};  // the prompt repeats token 0
+  EXPECT_EQ(s.sample(logits, context), 0);
+  EXPECT_EQ(s.sample(logits, context), 1);  // now it was drawn: 2.0 - 1.0 < 1.9
+  // A fresh sampler has drawn nothing: no penalty, whatever the context.
+  EXPECT_EQ(Sampler(p).sample(logits, context), 0);
+}
+
+TEST(SamplerPenalties, SubtractedBeforeTemperature) {
+  SamplingParams p = sampling(0.5f);
+  p.presence_penalty = 0.5f;
+  Sampler s(p);
+  // Token 1's probability is exp(-20) ~ 2e-9: the draw is token 0.
+  ASSERT_EQ(s.sample(std::vector<float>{10.0f, 0.0f}, {}), 0);
+  // Scores ((1.0 - 0.5) / 0.5, 0 / 0.5) = (1, 0): softmax (0.7310586, 0.2689414). Subtracting
+  // after temperature would give (1.5, 0): (0.8175745, 0.1824255).
+  std::span<const Candidate> c = s.candidates(std::vector<float>{1.0f, 0.0f}, {});
+  ASSERT_EQ(c.size(), 2u);
+  EXPECT_NEAR(c[0].prob, 0.73105858, 2e-6);
+  EXPECT_NEAR(c[1].prob, 0.26894142, 2e-6);
+  // candidates() alone draws nothing, so asking again gives the same distribution.
+  c = s.candidates(std::vector<float>{1.0f, 0.0f}, {});
+  EXPECT_NEAR(c[0].prob, 0.73105858, 2e-6);
+}
+
+TEST(SamplerPenalties, ValidateAcceptsMinusTwoToTwoOnly) {
+  for (float ok : {-2.0f, -0.5f, 0.0f, 1.0f, 2.0f}) {
+    SamplingParams p;
+    p.presence_penalty = ok;
+    EXPECT_NO_THROW(validate(p)) << ok;
+    p.presence_penalty = 0;
+    p.frequency_penalty = ok;
+    EXPECT_NO_THROW(validate(p)) << ok;
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  for (float bad : {-2.01f, 2.01f, 3.0f, -100.0f, nan, inf, -inf}) {
+    SamplingParams p;
+    p.presence_penalty = bad;
+    EXPECT_THROW(validate(p), Error) << "presence " << bad;
+    EXPECT_THROW(Sampler{p}, Error) << "presence " << bad;
+    p.presence_penalty = 0;
+    p.frequency_penalty = bad;
+    EXPECT_THROW(validate(p), Error) << "frequency " << bad;
+    EXPECT_THROW(Sampler{p}, Error) << "frequency " << bad;
+  }
+  try {
+    SamplingParams p;
+    p.frequency_penalty = 2.5f;
+    validate(p, "req");
+    FAIL() << "no throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("frequency_penalty"), std::string::npos) << e.what();
+    EXPECT_EQ(std::string(e.what()).rfind("req: ", 0), 0u) << e.what();
+  }
+}

@@ -135,12 +135,14 @@ class Decoder final : public Model {
 
   Batch concatenate(std::span<const SequenceInput> batch) const {
     if (batch.empty()) throw Error("forward: no sequences");
-    Batch in;
-    in.starts.push_back(0);
     for (const SequenceInput& s : batch) {
       if (s.tokens.empty()) throw Error("forward: a sequence has no tokens");
       for (const SequenceInput& other : batch)
         if (&other != &s && other.cache == s.cache) throw Error("forward: two sequences share a cache");
+    }
+    Batch in;
+    in.starts.push_back(0);
+    for (const SequenceInput& s : batch) {
       const int64_t begin = s.cache->length(), end = begin + int64_t(s.tokens.size());
       s.cache->reserve(end);  // throws past max_seq_len
       in.tokens.insert(in.tokens.end(), s.tokens.begin(), s.tokens.end());
