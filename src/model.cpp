@@ -56,8 +56,13 @@ Model::Model(const ModelContext& context)
   const ModelConfig& c = config_;
   KVShape shape{c.num_layers, c.num_kv_heads, c.head_dim};
   shape.type = chosen_kv_cache_type(context.options);
-  const int64_t one_sequence = (max_seq_len_ + shape.block_size - 1) / shape.block_size;
-  pool_ = std::make_shared<BlockPool>(shape, context.options.kv_blocks > 0 ? context.options.kv_blocks : one_sequence);
+  pool_ = std::make_shared<BlockPool>(shape, (max_seq_len_ + shape.block_size - 1) / shape.block_size);
+}
+
+void Model::resize_kv_pool(int64_t blocks) {
+  if (blocks < 1 || blocks > INT32_MAX) throw Error("the KV pool needs between 1 and 2^31 - 1 blocks");
+  if (pool_.use_count() > 1) throw Error("resize_kv_pool: a KV cache of this model still exists");
+  pool_ = std::make_shared<BlockPool>(pool_->shape(), blocks);
 }
 
 Tensor Model::forward(std::span<const int32_t> tokens, std::span<const int32_t> positions, KVCache& cache,
@@ -137,8 +142,7 @@ void WeightLoader::check_all_used() const {
   }
 }
 
-// Bytes of memory the OS can still give us, from /proc/meminfo (0 when unknown).
-static int64_t available_memory() {
+int64_t available_memory() {
   std::ifstream meminfo("/proc/meminfo");
   std::string key;
   int64_t kib;

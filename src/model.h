@@ -25,7 +25,6 @@ struct ModelOptions {
   // What bfp8/bfp4 matrix-vector products round their input to: BF16 (the bring-up note's
   // numerics) or Int8 (blocks of 16 for the int8 dot kernels; weight.h). Other formats ignore it.
   MatmulInputs block_float_inputs = MatmulInputs::BF16;
-  int64_t kv_blocks = 0;                      // blocks in the KV pool; 0: one sequence of max_seq_len
   int num_threads = 0;                        // 0: all cores
   std::function<void(int64_t done, int64_t total)> on_progress;  // called as weight layers load
 };
@@ -34,6 +33,9 @@ struct ModelOptions {
 // which must match transformers to f32 rounding, and f16 for the reduced formats, whose accuracy
 // bars it keeps (docs/ACCURACY.md) while halving the cache bytes every decode step reads.
 KVCacheType default_kv_cache_type(WeightFormat weights);
+
+// Bytes of memory the OS can still give this process (MemAvailable), 0 when unknown.
+int64_t available_memory();
 
 // Called with the input of each decoder layer (layer < num_layers) and, last, with the final
 // norm's output (layer == num_layers): the same points as HF's output_hidden_states.
@@ -60,8 +62,12 @@ class Model {
   // Bytes of weights one decode step reads (every matmul; the embedding row is negligible).
   int64_t matmul_weight_bytes() const { return matmul_weight_bytes_; }
   std::unique_ptr<KVCache> new_cache() const { return std::make_unique<KVCache>(pool_, max_seq_len_); }
-  // The pool every cache of this model draws its blocks from (ModelOptions::kv_blocks of them).
+  // The pool every cache of this model draws its blocks from: room for one sequence of
+  // max_seq_len unless resized. Blocks take memory only once used.
   const std::shared_ptr<BlockPool>& kv_pool() const { return pool_; }
+  // Makes the pool `blocks` blocks, for many sequences at once; throws afm::Error while a cache
+  // of this model exists.
+  void resize_kv_pool(int64_t blocks);
 
   // Run `tokens` at `positions` (which must continue the cache: cache.length(), +1, ...),
   // appending their keys and values to `cache`. Returns logits [T or 1, vocab].

@@ -83,6 +83,10 @@ void PrefixCache::insert(std::span<const int32_t> tokens, const KVCache& cache) 
   }
 }
 
+int64_t PrefixCache::evictable_blocks() const {
+  return std::count_if(entries_.begin(), entries_.end(), [&](const auto& e) { return pool_->owners(e.second.block) == 1; });
+}
+
 bool PrefixCache::evict_one() {
   // Least recently used first; within one use, the deepest block, so a chain is cut from its end
   // and its earlier blocks stay reachable.

@@ -34,6 +34,7 @@ class PrefixCache {
   int64_t queries() const { return queries_; }
   int64_t hits() const { return hits_; }  // queries that reused at least one block
   int64_t blocks() const { return int64_t(entries_.size()); }
+  int64_t evictable_blocks() const;  // recorded blocks no sequence holds: the pool may take them back
   // Gives back one block that only the cache holds, the least recently used; false if none.
   bool evict_one();
 

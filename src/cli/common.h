@@ -45,6 +45,7 @@ void add_convert_command(CLI::App& app);  // reduced-format weights written ahea
 void add_init_command(CLI::App& app);        // a random-weight checkpoint of a config's shape
 void add_perplexity_command(CLI::App& app);  // sliding-window perplexity of a text file
 void add_template_command(CLI::App& app);    // the prompt a chat template renders
+void add_serve_command(CLI::App& app);       // the OpenAI-compatible server (src/server/)
 
 std::string read_file(const std::string& path);
 

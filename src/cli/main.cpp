@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   afm::cli::add_convert_command(app);
   afm::cli::add_init_command(app);
   afm::cli::add_template_command(app);
+  afm::cli::add_serve_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,280 @@
+#include "server/http_server.h"
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <chrono>
+#include <cstdio>
+#include <thread>
+
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include "error.h"
+#include "model_files.h"
+#include "server/metrics.h"
+#include "server/openai_api.h"
+
+namespace afm::server {
+
+using json = nlohmann::json;
+
+namespace {
+
+constexpr auto kPoll = std::chrono::milliseconds(100);  // how often a waiting stream checks its client
+
+sigset_t termination_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  return set;
+}
+
+void send_error(httplib::Response& res, int status, const std::string& message, const std::string& param = {},
+                const std::string& type = "invalid_request_error") {
+  res.status = status;
+  res.set_content(dump(error_body(status, message, param, type)), "application/json");
+}
+
+const char* error_type(int status) {
+  switch (status) {
+    case 401: return "authentication_error";
+    case 404: return "not_found_error";
+    case 429: return "rate_limit_error";
+    case 503: return "service_unavailable";
+  }
+  return status >= 500 ? "server_error" : "invalid_request_error";
+}
+
+class Server {
+ public:
+  Server(Model& model, const Tokenizer& tokenizer, const ChatTemplate* chat_template, std::vector<int32_t> eos_token_ids,
+         const ServerOptions& options)
+      : options_(options),
+        served_{options.model_name, &tokenizer, chat_template, std::move(eos_token_ids), end_of_turn_token_ids(tokenizer),
+                model.max_seq_len(), options.max_n},
+        scheduler_(model, tokenizer, options.scheduler, metrics_) {
+    routes();
+  }
+
+  int run() {
+    const int port = options_.port == 0 ? http_.bind_to_any_port(options_.host)
+                                        : (http_.bind_to_port(options_.host, options_.port) ? options_.port : -1);
+    if (port < 0) throw Error("cannot listen on " + options_.host + ":" + std::to_string(options_.port) +
+                              " (in use, or not an address of this machine)");
+    std::printf("afm serve: listening on http://%s:%d\n", options_.host.c_str(), port);
+    std::fflush(stdout);
+    std::thread signals([this] { wait_for_termination(); });
+    const bool ok = http_.listen_after_bind();
+    if (!stopping_) pthread_kill(signals.native_handle(), SIGTERM);  // the listener died: end the signal thread too
+    signals.join();
+    return ok || stopping_ ? 0 : 1;
+  }
+
+ private:
+  void wait_for_termination() {
+    const sigset_t set = termination_signals();
+    int signal = 0;
+    sigwait(&set, &signal);
+    stopping_ = true;
+    std::fprintf(stderr, "afm serve: %s: refusing new requests, finishing the running ones\n",
+                 signal == SIGINT ? "SIGINT" : "SIGTERM");
+    scheduler_.drain();
+    http_.stop();  // returns once the handlers in flight have written their responses
+  }
+
+  bool authorized(const httplib::Request& req) const {
+    if (options_.api_key.empty() || req.path == "/health" || req.path == "/metrics") return true;
+    return req.get_header_value("Authorization") == "Bearer " + options_.api_key;
+  }
+
+  void routes() {
+    const size_t threads = size_t(options_.scheduler.max_batch + options_.scheduler.max_queue) + 8;
+    http_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+    http_.set_payload_max_length(options_.max_body_bytes);
+    http_.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+      if (authorized(req)) return httplib::Server::HandlerResponse::Unhandled;
+      send_error(res, 401, "a valid API key is required: Authorization: Bearer KEY", {}, "authentication_error");
+      return httplib::Server::HandlerResponse::Handled;
+    });
+    // httplib's own refusals (404, 413, 400 on a malformed request line) get OpenAI's error shape.
+    http_.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
+      if (!res.body.empty()) return;
+      const std::string message = res.status == 404   ? "no endpoint " + req.method + " " + req.path
+                                  : res.status == 413 ? "the request body is too large"
+                                                      : "the request was refused (HTTP " + std::to_string(res.status) + ")";
+      send_error(res, res.status, message, {}, error_type(res.status));
+    });
+    http_.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr e) {
+      std::string message = "internal error";
+      try {
+        std::rethrow_exception(e);
+      } catch (const std::exception& x) {
+        message += std::string(": ") + x.what();
+      } catch (...) {
+      }
+      send_error(res, 500, message, {}, "server_error");
+    });
+
+    http_.Get("/health", [](const httplib::Request&, httplib::Response& res) {
+      res.set_content(R"({"status":"ok"})", "application/json");
+    });
+    http_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+      res.set_content(metrics_.render(scheduler_.gauges()), "text/plain; version=0.0.4");
+    });
+    http_.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+      json model = {{"id", served_.name}, {"object", "model"}, {"created", 0}, {"owned_by", "afm"},
+                    {"max_model_len", served_.context_length}};
+      res.set_content(dump({{"object", "list"}, {"data", {model}}}), "application/json");
+    });
+    http_.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+      generate(Endpoint::Completions, req, res);
+    });
+    http_.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
+      generate(Endpoint::Chat, req, res);
+    });
+    http_.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) { utility(req, res, &Server::tokenize); });
+    http_.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) { utility(req, res, &Server::detokenize); });
+    http_.Post("/apply-template", [this](const httplib::Request& req, httplib::Response& res) {
+      utility(req, res, &Server::apply_template);
+    });
+  }
+
+  // llama.cpp's utility endpoints: a JSON object in, a JSON object out.
+  void utility(const httplib::Request& req, httplib::Response& res, json (Server::*handler)(const json&)) {
+    try {
+      json body;
+      try {
+        body = json::parse(req.body);
+      } catch (const json::exception& e) {
+        throw ApiError(400, std::string("the body is not valid JSON: ") + e.what());
+      }
+      if (!body.is_object()) throw ApiError(400, "the body must be a JSON object");
+      res.set_content(dump((this->*handler)(body)), "application/json");
+    } catch (const ApiError& e) {
+      metrics_.rejected(e.status);
+      send_error(res, e.status, e.what(), e.param, e.type);
+    } catch (const Error& e) {
+      send_error(res, 400, e.what());
+    }
+  }
+
+  json tokenize(const json& body) {
+    std::vector<int32_t> ids;
+    const bool with_pieces = body.value("with_pieces", false);
+    if (body.contains("messages")) {
+      ids = served_.tokenizer->encode(render_chat(body["messages"], served_), false);
+    } else {
+      if (!body.contains("content") || !body["content"].is_string()) throw ApiError(400, "content must be a string", "content");
+      if (body.contains("add_special") && !body["add_special"].is_boolean())
+        throw ApiError(400, "add_special must be true or false", "add_special");
+      ids = served_.tokenizer->encode(body["content"].get<std::string>(), body.value("add_special", false));
+    }
+    json tokens = json::array();
+    for (int32_t id : ids) {
+      if (!with_pieces) {
+        tokens.push_back(id);
+        continue;
+      }
+      std::string bytes, piece;
+      served_.tokenizer->append_token_bytes(id, false, bytes);
+      append_utf8_lossy(bytes, piece);
+      tokens.push_back({{"id", id}, {"piece", piece}});
+    }
+    return {{"tokens", tokens}};
+  }
+
+  json detokenize(const json& body) {
+    if (!body.contains("tokens") || !body["tokens"].is_array()) throw ApiError(400, "tokens must be a list of token ids", "tokens");
+    std::vector<int32_t> ids;
+    for (const json& t : body["tokens"]) {
+      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= served_.tokenizer->vocab_size())
+        throw ApiError(400, "token ids must be integers in [0, " + std::to_string(served_.tokenizer->vocab_size()) + ")", "tokens");
+      ids.push_back(int32_t(t.get<int64_t>()));
+    }
+    return {{"content", served_.tokenizer->decode(ids, /*skip_special_tokens=*/false)}};
+  }
+
+  json apply_template(const json& body) {
+    if (!body.contains("messages")) throw ApiError(400, "messages is required", "messages");
+    return {{"prompt", render_chat(body["messages"], served_)}};
+  }
+
+  void generate(Endpoint endpoint, const httplib::Request& req, httplib::Response& res) {
+    std::shared_ptr<Request> request;
+    std::shared_ptr<ResponseWriter> writer;
+    try {
+      ApiRequest api = parse_request(endpoint, req.body, served_);
+      writer = std::make_shared<ResponseWriter>(api, served_);
+      const bool stream = api.stream;
+      request = scheduler_.submit(std::move(api.job));
+      if (stream) return start_stream(request, writer, res);
+    } catch (const ApiError& e) {
+      metrics_.rejected(e.status);
+      return send_error(res, e.status, e.what(), e.param, e.type);
+    } catch (const QueueFull& e) {
+      metrics_.rejected(429);
+      res.set_header("Retry-After", "1");
+      return send_error(res, 429, e.what(), {}, "rate_limit_error");
+    } catch (const Draining& e) {
+      return send_error(res, 503, e.what(), {}, "service_unavailable");
+    } catch (const Error& e) {  // a request the scheduler can never run
+      metrics_.rejected(400);
+      return send_error(res, 400, e.what());
+    }
+    std::vector<ChoiceDelta> deltas;
+    while (request->next(deltas, kPoll)) writer->collect(deltas);
+    if (!request->error().empty()) return send_error(res, 500, request->error(), {}, "server_error");
+    res.set_content(dump(writer->response(request->usage())), "application/json");
+  }
+
+  // Server-sent events: one chunk per delta, then usage (if asked) and [DONE]. A client that
+  // goes away cancels its request at the next write or poll, which frees its blocks.
+  static void start_stream(std::shared_ptr<Request> request, std::shared_ptr<ResponseWriter> writer, httplib::Response& res) {
+    res.set_header("Cache-Control", "no-cache");
+    res.set_chunked_content_provider(
+        "text/event-stream",
+        [request, writer](size_t, httplib::DataSink& sink) {
+          std::vector<ChoiceDelta> deltas;
+          const bool more = request->next(deltas, kPoll);
+          std::string out = writer->chunks(deltas);
+          if (!more) {
+            const std::string error = request->error();
+            out += error.empty() ? writer->final_chunks(request->usage())
+                                 : "data: " + dump(error_body(500, error, {}, "server_error")) + "\n\ndata: [DONE]\n\n";
+          }
+          if ((out.empty() && !sink.is_writable()) || (!out.empty() && !sink.write(out.data(), out.size()))) {
+            request->cancel();
+            return false;
+          }
+          if (!more) sink.done();
+          return true;
+        },
+        [request](bool success) {
+          if (!success) request->cancel();
+        });
+  }
+
+  ServerOptions options_;
+  Metrics metrics_;
+  ServedModel served_;
+  Scheduler scheduler_;
+  httplib::Server http_;
+  std::atomic<bool> stopping_{false};
+};
+
+}  // namespace
+
+void block_termination_signals() {
+  const sigset_t set = termination_signals();
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
+
+int serve(Model& model, const Tokenizer& tokenizer, const ChatTemplate* chat_template, std::vector<int32_t> eos_token_ids,
+          const ServerOptions& options) {
+  Server server(model, tokenizer, chat_template, std::move(eos_token_ids), options);
+  return server.run();
+}
+
+}  // namespace afm::server
