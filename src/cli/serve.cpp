@@ -42,8 +42,8 @@ void run_serve(ServeFlags& flags) {
   const ModelConfig& c = model->config();
   const GenerationConfig generation = load_model_generation_config(flags.model.dir, ModelTokenIds{c.eos_token_ids, c.bos_token_id});
   if (flags.server.model_name.empty()) flags.server.model_name = std::filesystem::path(flags.model.dir).filename().string();
-  std::fprintf(stderr, "afm serve: %ld KV blocks of %ld tokens (%.1f MB each), batch %d, queue %d, context %ld\n",
-               long(blocks), long(model->kv_pool()->shape().block_size), double(model->kv_pool()->block_bytes()) / 1e6,
+  std::fprintf(stderr, "afm serve: %ld KV blocks of %ld tokens (%.1f KB each), batch %d, queue %d, context %ld\n",
+               long(blocks), long(model->kv_pool()->shape().block_size), double(model->kv_pool()->block_bytes()) / 1e3,
                flags.server.scheduler.max_batch, flags.server.scheduler.max_queue, long(model->max_seq_len()));
   const int status = server::serve(*model, tokenizer, chat_template ? &*chat_template : nullptr,
                                    generation.eos_token_ids, flags.server);

@@ -81,23 +81,35 @@ class Server {
     std::fprintf(stderr, "afm serve: %s: refusing new requests, finishing the running ones\n",
                  signal == SIGINT ? "SIGINT" : "SIGTERM");
     scheduler_.drain();
-    http_.stop();  // returns once the handlers in flight have written their responses
+    // The engine is done; let the handlers write what it produced (httplib stops writing
+    // responses once stopped), waiting at most a minute for slow clients.
+    std::unique_lock lock(responses_mutex_);
+    responses_done_.wait_for(lock, std::chrono::minutes(1), [&] { return responses_in_flight_ == 0; });
+    http_.stop();
   }
 
-  bool authorized(const httplib::Request& req) const {
-    if (options_.api_key.empty() || req.path == "/health" || req.path == "/metrics") return true;
-    return req.get_header_value("Authorization") == "Bearer " + options_.api_key;
+  // Counts a generation response from its request's admission until httplib has written it
+  // (the content provider's releaser runs when the response is gone).
+  void response_started() {
+    std::lock_guard lock(responses_mutex_);
+    responses_in_flight_++;
+  }
+  void response_written() {
+    std::lock_guard lock(responses_mutex_);
+    if (--responses_in_flight_ == 0) responses_done_.notify_all();
+  }
+
+  // With --api-key, every endpoint but /health and /metrics (which do not call this) needs it.
+  bool authorized(const httplib::Request& req, httplib::Response& res) const {
+    if (options_.api_key.empty() || req.get_header_value("Authorization") == "Bearer " + options_.api_key) return true;
+    send_error(res, 401, "a valid API key is required: Authorization: Bearer KEY", {}, "authentication_error");
+    return false;
   }
 
   void routes() {
     const size_t threads = size_t(options_.scheduler.max_batch + options_.scheduler.max_queue) + 8;
     http_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
     http_.set_payload_max_length(options_.max_body_bytes);
-    http_.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-      if (authorized(req)) return httplib::Server::HandlerResponse::Unhandled;
-      send_error(res, 401, "a valid API key is required: Authorization: Bearer KEY", {}, "authentication_error");
-      return httplib::Server::HandlerResponse::Handled;
-    });
     // httplib's own refusals (404, 413, 400 on a malformed request line) get OpenAI's error shape.
     http_.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
       if (!res.body.empty()) return;
@@ -123,16 +135,19 @@ class Server {
     http_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       res.set_content(metrics_.render(scheduler_.gauges()), "text/plain; version=0.0.4");
     });
-    http_.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+    // The key is checked in the handlers, after httplib has read the body: refusing earlier
+    // would leave the body unread on a keep-alive connection, to be taken for the next request.
+    http_.Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
+      if (!authorized(req, res)) return;
       json model = {{"id", served_.name}, {"object", "model"}, {"created", 0}, {"owned_by", "afm"},
                     {"max_model_len", served_.context_length}};
       res.set_content(dump({{"object", "list"}, {"data", {model}}}), "application/json");
     });
     http_.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
-      generate(Endpoint::Completions, req, res);
+      if (authorized(req, res)) generate(Endpoint::Completions, req, res);
     });
     http_.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
-      generate(Endpoint::Chat, req, res);
+      if (authorized(req, res)) generate(Endpoint::Chat, req, res);
     });
     http_.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) { utility(req, res, &Server::tokenize); });
     http_.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) { utility(req, res, &Server::detokenize); });
@@ -143,6 +158,7 @@ class Server {
 
   // llama.cpp's utility endpoints: a JSON object in, a JSON object out.
   void utility(const httplib::Request& req, httplib::Response& res, json (Server::*handler)(const json&)) {
+    if (!authorized(req, res)) return;
     try {
       json body;
       try {
@@ -209,6 +225,7 @@ class Server {
       writer = std::make_shared<ResponseWriter>(api, served_);
       const bool stream = api.stream;
       request = scheduler_.submit(std::move(api.job));
+      response_started();
       if (stream) return start_stream(request, writer, res);
     } catch (const ApiError& e) {
       metrics_.rejected(e.status);
@@ -225,13 +242,19 @@ class Server {
     }
     std::vector<ChoiceDelta> deltas;
     while (request->next(deltas, kPoll)) writer->collect(deltas);
-    if (!request->error().empty()) return send_error(res, 500, request->error(), {}, "server_error");
-    res.set_content(dump(writer->response(request->usage())), "application/json");
+    const bool failed = !request->error().empty();
+    auto body = std::make_shared<std::string>(dump(failed ? error_body(500, request->error(), {}, "server_error")
+                                                          : writer->response(request->usage())));
+    if (failed) res.status = 500;
+    res.set_content_provider(
+        body->size(), "application/json",
+        [body](size_t offset, size_t length, httplib::DataSink& sink) { return sink.write(body->data() + offset, length); },
+        [this](bool) { response_written(); });
   }
 
   // Server-sent events: one chunk per delta, then usage (if asked) and [DONE]. A client that
   // goes away cancels its request at the next write or poll, which frees its blocks.
-  static void start_stream(std::shared_ptr<Request> request, std::shared_ptr<ResponseWriter> writer, httplib::Response& res) {
+  void start_stream(std::shared_ptr<Request> request, std::shared_ptr<ResponseWriter> writer, httplib::Response& res) {
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
         "text/event-stream",
@@ -251,8 +274,9 @@ class Server {
           if (!more) sink.done();
           return true;
         },
-        [request](bool success) {
+        [this, request](bool success) {
           if (!success) request->cancel();
+          response_written();
         });
   }
 
@@ -262,6 +286,9 @@ class Server {
   Scheduler scheduler_;
   httplib::Server http_;
   std::atomic<bool> stopping_{false};
+  std::mutex responses_mutex_;
+  std::condition_variable responses_done_;
+  int64_t responses_in_flight_ = 0;
 };
 
 }  // namespace

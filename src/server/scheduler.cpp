@@ -101,6 +101,7 @@ std::shared_ptr<Request> Scheduler::submit(Job job) {
       throw QueueFull("the queue is full (" + std::to_string(options_.max_queue) + " requests waiting)");
     waiting_.push_back({request, std::move(job)});
     gauges_.waiting = int64_t(waiting_.size());
+    unfinished_++;
   }
   wake_.notify_all();
   return request;
@@ -109,7 +110,12 @@ std::shared_ptr<Request> Scheduler::submit(Job job) {
 void Scheduler::drain() {
   std::unique_lock lock(mutex_);
   draining_ = true;
-  idle_.wait(lock, [&] { return waiting_.empty() && gauges_.running == 0; });
+  idle_.wait(lock, [&] { return unfinished_ == 0; });
+}
+
+void Scheduler::finished_request() {
+  std::lock_guard lock(mutex_);
+  if (--unfinished_ == 0) idle_.notify_all();
 }
 
 SchedulerGauges Scheduler::gauges() const {
@@ -137,21 +143,30 @@ void Scheduler::run() {
     gauges_.prefix_cache_blocks = prefix_cache_.blocks();
     gauges_.prefix_cache_queries = prefix_cache_.queries();
     gauges_.prefix_cache_hits = prefix_cache_.hits();
-    if (running_.empty() && waiting_.empty()) idle_.notify_all();
   }
 }
 
 void Scheduler::drop_cancelled() {
   for (auto& s : running_)
     if (s->request->cancelled()) s->done = true;
-  std::lock_guard lock(mutex_);
+  std::unique_lock lock(mutex_);
+  int64_t dropped = 0;
   std::erase_if(waiting_, [&](const Waiting& w) {
     if (!w.request->cancelled()) return false;
     w.request->finish("cancelled");
     metrics_.request_finished(int64_t(w.job.prompt.size()), 0, 0,
                               std::chrono::duration<double>(Clock::now() - w.request->arrival_).count());
+    dropped++;
     return true;
   });
+  lock.unlock();
+  for (int64_t i = 0; i < dropped; i++) finished_request();
+}
+
+int64_t Scheduler::batch_slots_taken() const {
+  int64_t slots = 0;  // a request still in its prompt holds a slot for each choice it will fork
+  for (const auto& s : running_) slots += s->generator.generated_tokens() == 0 ? s->job->n : 1;
+  return slots;
 }
 
 int64_t Scheduler::blocks_available() const {
@@ -165,7 +180,7 @@ void Scheduler::admit() {
     Waiting next;
     {
       std::lock_guard lock(mutex_);
-      if (waiting_.empty() || int64_t(running_.size()) + waiting_.front().job.n > options_.max_batch) return;
+      if (waiting_.empty() || batch_slots_taken() + waiting_.front().job.n > options_.max_batch) return;
       next = std::move(waiting_.front());
       waiting_.pop_front();
     }
@@ -284,6 +299,7 @@ void Scheduler::retire_finished() {
     metrics_.request_finished(usage.prompt_tokens, usage.completion_tokens, ttft,
                               std::chrono::duration<double>(now - r.arrival_).count());
     if (r.error().empty()) r.finish(r.cancelled() ? "cancelled" : "");
+    finished_request();
   }
   std::erase_if(running_, [](const auto& s) { return s->done; });
 }

@@ -131,12 +131,14 @@ class Scheduler {
   };
 
   void run();
+  void finished_request();  // one submitted request fewer to wait for in drain()
   void drop_cancelled();
   void admit();
   void step();
   void emit(Sequence& s, std::span<const float> logits);
   void retire_finished();
   int64_t blocks_available() const;
+  int64_t batch_slots_taken() const;
   static StepLogprobs logprobs_of(std::span<const float> logits, int32_t chosen, int top);
 
   Model& model_;
@@ -149,6 +151,7 @@ class Scheduler {
   std::condition_variable wake_, idle_;
   std::deque<Waiting> waiting_;
   bool stop_ = false, draining_ = false;
+  int64_t unfinished_ = 0;  // submitted requests not yet finished
   SchedulerGauges gauges_;
 
   std::vector<std::unique_ptr<Sequence>> running_;  // the engine thread's alone
