@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
 
+#include "backends/cpu/dot.h"
 #include "error.h"
 #include "eval.h"
 #include "model.h"
@@ -397,3 +399,33 @@ TEST(BatchedForward, CachesReturnTheirBlocksToTheModelsPool) {
 }
 
 }  // namespace
+
+// Below the GEMM's 16 rows, the AVX-512 dot kernels sum every token's products in one order
+// whatever the group of tokens they share a call with, and attention runs per sequence: a decode
+// step of a batch gives each sequence exactly the logits it gets alone. (AVX2's kernels keep more
+// FMA chains for one row than for several, so there the results agree only to rounding.)
+TEST(BatchedForward, DecodeStepsBelowTheGemmSizeAreBitIdenticalToSingleSteps) {
+  if (!afm::cpu::isa_supported(afm::cpu::Isa::Avx512) || afm::cpu::best_isa() == afm::cpu::Isa::Avx2)
+    GTEST_SKIP() << "needs the AVX-512 kernels; this CPU or AFM_ISA uses " << afm::cpu::isa_name(afm::cpu::best_isa());
+  afm::Model& model = arcee();
+  const int64_t vocab = model.config().vocab_size;
+  constexpr int kSequences = 7;  // dot kernel groups of 4 and 3 tokens
+  std::vector<std::unique_ptr<afm::KVCache>> alone_caches, batch_caches;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<int32_t> next;
+  for (int s = 0; s < kSequences; s++) {
+    prompts.push_back(random_tokens(3 + 2 * s, 100 + s));
+    next.push_back(int32_t(50 * s + 7));
+    for (auto* caches : {&alone_caches, &batch_caches}) {
+      caches->push_back(model.new_cache());
+      alone(model, prompts.back(), *caches->back(), afm::Logits::Last);
+    }
+  }
+  std::vector<afm::SequenceInput> step;
+  for (int s = 0; s < kSequences; s++) step.push_back({std::span(&next[s], 1), batch_caches[s].get()});
+  const Rows batched = copy(model.forward(step, afm::Logits::Last));
+  for (int s = 0; s < kSequences; s++) {
+    const Rows single = alone(model, std::span(&next[s], 1), *alone_caches[s], afm::Logits::Last);
+    EXPECT_EQ(0, std::memcmp(batched.row(s), single.row(0), size_t(vocab) * sizeof(float))) << "sequence " << s;
+  }
+}

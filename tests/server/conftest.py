@@ -222,9 +222,8 @@ def server_tmp(tmp_path_factory):
     return str(tmp_path_factory.mktemp("afm-serve"))
 
 
-@pytest.fixture
-def start_server(server_tmp):
-    """start_server(*args) -> a Server, stopped when the test ends."""
+def _servers(server_tmp):
+    """Yields start(*args) -> a Server; every server it started is stopped afterwards."""
     servers = []
 
     def start(*args):
@@ -232,23 +231,23 @@ def start_server(server_tmp):
         servers.append(s)
         return s
 
-    yield start
-    for s in servers:
-        s.close()
+    try:
+        yield start
+    finally:
+        for s in servers:
+            s.close()
+
+
+@pytest.fixture
+def start_server(server_tmp):
+    """start_server(*args) -> a Server, stopped when the test ends."""
+    yield from _servers(server_tmp)
 
 
 @pytest.fixture(scope="module")
 def module_server_factory(server_tmp):
-    servers = []
-
-    def start(*args):
-        s = Server(args, server_tmp)
-        servers.append(s)
-        return s
-
-    yield start
-    for s in servers:
-        s.close()
+    """The same, for servers a whole module shares."""
+    yield from _servers(server_tmp)
 
 
 # ---------------------------------------------------------------------------------------------

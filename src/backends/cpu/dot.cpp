@@ -252,8 +252,10 @@ AFM_AVX512 inline void fma16(const Row& w, int64_t i, __mmask16 m, const float* 
 
 template <class Row, int NX>
 AFM_AVX512 void dot_avx512_n(const Row& w, const float* x, int64_t x_stride, int64_t k, float* out) {
-  // Independent FMA chains per row, enough to cover the FMA latency without spilling registers.
-  constexpr int kChunks = NX <= 2 ? 4 : 2;
+  // Two independent FMA chains per row: with the decoding between them they cover the FMA
+  // latency, and every row count sums in the same order, so a token's result does not depend on
+  // how many others share the call (the sequences of a batched decode step).
+  constexpr int kChunks = 2;
   // Decode from memory is only bandwidth-bound if the loads are in flight well before the
   // decoding reaches them: without this prefetch (the hardware prefetcher alone) bfp8 decode
   // ran at about 0.6x the speed (bench_dot). Prefetching past the row's end is harmless.
