@@ -1,0 +1,192 @@
+// afm._afm: the engine's model, cache, tokenizer and generation loop for Python (nanobind).
+// Logits come back as NumPy arrays over the engine's own buffer (no copy); forward and every
+// generation step release the GIL; afm::Error becomes afm.Error.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
+
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <optional>
+
+#include "error.h"
+#include "generate.h"
+#include "model.h"
+#include "model_files.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using Logits = nb::ndarray<nb::numpy, float, nb::ndim<2>>;
+
+// A view of a logits tensor that keeps its storage alive for as long as NumPy needs it.
+Logits to_numpy(afm::Tensor t) {
+  auto* owner = new afm::Tensor(std::move(t));
+  nb::capsule release(owner, [](void* p) noexcept { delete static_cast<afm::Tensor*>(p); });
+  return Logits(owner->data, {size_t(owner->rows), size_t(owner->cols)}, release);
+}
+
+// A tokenizer with its model's chat template and eos ids, loaded from a model path.
+struct ModelTokenizer {
+  afm::Tokenizer tokenizer;
+  std::optional<afm::ChatTemplate> chat_template;
+};
+
+ModelTokenizer load_tokenizer(const std::string& path) {
+  ModelTokenizer t{afm::load_model_tokenizer(path), std::nullopt};
+  try {
+    t.chat_template = afm::load_model_chat_template(path);
+  } catch (const afm::Error&) {  // a model without one: apply_chat_template says so when called
+  }
+  return t;
+}
+
+std::vector<int32_t> positions_after(const afm::KVCache& cache, size_t n) {
+  std::vector<int32_t> p(n);
+  std::iota(p.begin(), p.end(), int32_t(cache.length()));
+  return p;
+}
+
+// model.generate(...): one token per next(), each a forward pass without the GIL.
+class Generation {
+ public:
+  Generation(afm::Model& model, const ModelTokenizer& tokenizer, std::vector<int32_t> prompt,
+             const afm::GenerateOptions& options)
+      : model_(model),
+        cache_(model.new_cache()),
+        generator_(tokenizer.tokenizer, prompt, options, model.max_seq_len()),
+        pending_(std::move(prompt)) {
+    if (pending_.empty()) throw afm::Error("the prompt is empty");
+    if (int64_t(pending_.size()) > model.max_seq_len())
+      throw afm::Error("the prompt has " + std::to_string(pending_.size()) + " tokens but the context holds " +
+                       std::to_string(model.max_seq_len()));
+  }
+
+  // (token id, text): the text may be empty while a character or a possible stop string is held back.
+  std::tuple<int32_t, std::string> next() {
+    if (generator_.finished()) throw nb::stop_iteration();
+    std::string text;
+    {
+      nb::gil_scoped_release unlocked;
+      afm::Tensor logits = model_.forward(pending_, positions_after(*cache_, pending_.size()), *cache_, afm::Logits::Last);
+      text = generator_.step({logits.data, size_t(logits.cols)});
+    }
+    pending_.assign(1, generator_.last_token());
+    return {generator_.last_token(), text};
+  }
+
+  const std::string& finish_reason() const { return generator_.finish_reason(); }
+
+ private:
+  afm::Model& model_;
+  std::unique_ptr<afm::KVCache> cache_;
+  afm::TokenGenerator generator_;
+  std::vector<int32_t> pending_;
+};
+
+}  // namespace
+
+NB_MODULE(_afm, m) {
+  m.doc() = "afm's C++ engine (use the afm package, not this module)";
+  nb::exception<afm::Error>(m, "Error", PyExc_RuntimeError);
+
+  nb::class_<afm::KVCache>(m, "KVCache")
+      .def_prop_ro("length", &afm::KVCache::length, "positions held")
+      .def_prop_ro("max_positions", &afm::KVCache::max_positions)
+      .def("clear", &afm::KVCache::clear);
+
+  nb::class_<afm::Model>(m, "Model")
+      .def_prop_ro("vocab_size", [](const afm::Model& model) { return model.config().vocab_size; })
+      .def_prop_ro("max_seq_len", &afm::Model::max_seq_len)
+      .def_prop_ro("architecture", [](const afm::Model& model) { return model.config().architecture; })
+      .def_prop_ro("weights", [](const afm::Model& model) { return afm::format_name(model.weight_format()); })
+      .def("new_cache", &afm::Model::new_cache)
+      .def(
+          "forward",
+          [](afm::Model& model, const std::vector<int32_t>& input_ids, afm::KVCache& cache) {
+            afm::Tensor logits;
+            {
+              nb::gil_scoped_release unlocked;
+              logits = model.forward(input_ids, positions_after(cache, input_ids.size()), cache, afm::Logits::All);
+            }
+            return to_numpy(std::move(logits));
+          },
+          "input_ids"_a, "cache"_a,
+          "Runs input_ids after the cache's positions; returns logits [len(input_ids), vocab] (float32, no copy).");
+
+  m.def(
+      "build_model",
+      [](const std::string& path, const std::string& device, int64_t max_seq_len, const std::string& weights, int threads) {
+        afm::ModelOptions options;
+        options.device = afm::Device::parse(device);
+        options.max_seq_len = max_seq_len;
+        options.weights = afm::parse_weight_format(weights);
+        options.num_threads = threads;
+        nb::gil_scoped_release unlocked;
+        return afm::build_model(path, options);
+      },
+      "path"_a, "device"_a, "max_seq_len"_a, "weights"_a, "threads"_a);
+
+  nb::class_<ModelTokenizer>(m, "Tokenizer")
+      .def_static("load", &load_tokenizer, "path"_a, "From an HF model folder, a GGUF file or a tokenizer.json's folder.")
+      .def(
+          "encode",
+          [](const ModelTokenizer& t, const std::string& text, bool add_special_tokens) {
+            return t.tokenizer.encode(text, add_special_tokens);
+          },
+          "text"_a, "add_special_tokens"_a = true)
+      .def(
+          "decode",
+          [](const ModelTokenizer& t, const std::vector<int32_t>& ids, bool skip_special_tokens) {
+            return t.tokenizer.decode(ids, skip_special_tokens);
+          },
+          "ids"_a, "skip_special_tokens"_a = false)
+      .def_prop_ro("vocab_size", [](const ModelTokenizer& t) { return t.tokenizer.vocab_size(); })
+      .def(
+          "apply_chat_template_json",
+          [](const ModelTokenizer& t, const std::string& messages_json, bool add_generation_prompt) {
+            if (!t.chat_template) throw afm::Error("this model has no chat template");
+            nlohmann::ordered_json messages;
+            try {
+              messages = nlohmann::ordered_json::parse(messages_json);
+            } catch (const nlohmann::json::exception& e) {
+              throw afm::Error(std::string("messages are not JSON: ") + e.what());
+            }
+            return t.chat_template->render(afm::chat_template_context(messages, nullptr, add_generation_prompt));
+          },
+          "messages_json"_a, "add_generation_prompt"_a)
+      .def_prop_ro("end_of_turn_ids", [](const ModelTokenizer& t) { return afm::end_of_turn_token_ids(t.tokenizer); });
+
+  nb::class_<afm::GenerateOptions>(m, "GenerateOptions")
+      .def(nb::init<>())
+      .def_rw("max_new_tokens", &afm::GenerateOptions::max_new_tokens)
+      .def_rw("eos_token_ids", &afm::GenerateOptions::eos_token_ids)
+      .def_rw("stop_strings", &afm::GenerateOptions::stop_strings)
+      .def(
+          "set_sampling",
+          [](afm::GenerateOptions& o, bool do_sample, float temperature, float top_p, int top_k, float min_p,
+             float repetition_penalty, uint64_t seed) {
+            o.sampling = {.do_sample = do_sample, .temperature = temperature, .top_p = top_p, .min_p = min_p,
+                          .repetition_penalty = repetition_penalty, .top_k = top_k, .seed = seed};
+            afm::validate(o.sampling);
+          },
+          "do_sample"_a, "temperature"_a, "top_p"_a, "top_k"_a, "min_p"_a, "repetition_penalty"_a, "seed"_a);
+
+  m.def("generation_defaults", [](const std::string& path, const afm::Model& model) {
+    const afm::ModelConfig& c = model.config();
+    return afm::load_model_generation_config(path, afm::ModelTokenIds{c.eos_token_ids, c.bos_token_id}).eos_token_ids;
+  });
+
+  nb::class_<Generation>(m, "Generation")
+      .def(nb::init<afm::Model&, const ModelTokenizer&, std::vector<int32_t>, const afm::GenerateOptions&>(),
+           nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>())
+      .def("__iter__", [](nb::handle self) { return self; })
+      .def("__next__", &Generation::next)
+      .def_prop_ro("finish_reason", &Generation::finish_reason);
+}
