@@ -39,23 +39,28 @@ const PrefixCache::Entry* PrefixCache::find(uint64_t key, uint64_t parent, std::
   return &it->second;
 }
 
-int64_t PrefixCache::attach(std::span<const int32_t> tokens, int64_t max_length, KVCache& cache) {
-  const int64_t block_size = cache.shape().block_size;
-  queries_++;
-  clock_++;
-  std::vector<int32_t> shared;
+std::vector<uint64_t> PrefixCache::longest_prefix(std::span<const int32_t> tokens, int64_t max_length, uint64_t use) const {
+  const int64_t block_size = pool_->shape().block_size;
+  std::vector<uint64_t> keys;
   uint64_t parent = 0;
   for (int64_t end = block_size; end <= std::min<int64_t>(max_length, int64_t(tokens.size())); end += block_size) {
     const auto block_tokens = tokens.subspan(end - block_size, block_size);
     const uint64_t key = block_key(parent, block_tokens);
-    const Entry* entry = find(key, parent, block_tokens);
-    if (!entry) break;
-    entries_.at(key).last_use = clock_;
-    shared.push_back(entry->block);
+    if (!find(key, parent, block_tokens)) break;
+    if (use) entries_.at(key).last_use = use;
+    keys.push_back(key);
     parent = key;
   }
-  if (shared.empty()) return 0;
+  return keys;
+}
+
+int64_t PrefixCache::attach(std::span<const int32_t> tokens, int64_t max_length, KVCache& cache) {
+  queries_++;
+  const std::vector<uint64_t> keys = longest_prefix(tokens, max_length, ++clock_);
+  if (keys.empty()) return 0;
   hits_++;
+  std::vector<int32_t> shared;
+  for (uint64_t key : keys) shared.push_back(entries_.at(key).block);
   cache.share_prefix(shared);
   return cache.length();
 }

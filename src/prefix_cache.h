@@ -28,6 +28,10 @@ class PrefixCache {
   // Shares into the empty `cache` the longest recorded prefix of `tokens` that is whole blocks and
   // at most `max_length` positions; returns the number of positions it holds (0 on a miss).
   int64_t attach(std::span<const int32_t> tokens, int64_t max_length, KVCache& cache);
+  // How many blocks attach() would share, without counting a query or touching anything.
+  int64_t shared_blocks(std::span<const int32_t> tokens, int64_t max_length) const {
+    return int64_t(longest_prefix(tokens, max_length, 0).size());
+  }
   // Records the full blocks of `cache` holding tokens[0, n), n a length `cache` has written.
   void insert(std::span<const int32_t> tokens, const KVCache& cache);
 
@@ -47,9 +51,12 @@ class PrefixCache {
     int64_t depth;                // index of the block in its prompt
   };
   const Entry* find(uint64_t key, uint64_t parent, std::span<const int32_t> tokens) const;
+  // The keys of the longest recorded prefix of whole blocks within max_length; each entry found
+  // gets last_use = `use` unless `use` is 0.
+  std::vector<uint64_t> longest_prefix(std::span<const int32_t> tokens, int64_t max_length, uint64_t use) const;
 
   std::shared_ptr<BlockPool> pool_;
-  std::unordered_map<uint64_t, Entry> entries_;
+  mutable std::unordered_map<uint64_t, Entry> entries_;  // mutable: lookups refresh last_use
   uint64_t clock_ = 0;
   int64_t queries_ = 0, hits_ = 0;
 };

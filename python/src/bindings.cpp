@@ -1,6 +1,6 @@
 // afm._afm: the engine's model, cache, tokenizer and generation loop for Python (nanobind).
 // Logits come back as NumPy arrays over the engine's own buffer (no copy); forward and every
-// generation step release the GIL; afm::Error becomes afm.Error.
+// generation step release the GIL, and take turns on one model; afm::Error becomes afm.Error.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -10,6 +10,8 @@
 #include <nanobind/stl/vector.h>
 
 #include <nlohmann/json.hpp>
+#include <memory>
+#include <mutex>
 #include <numeric>
 #include <optional>
 
@@ -47,6 +49,37 @@ ModelTokenizer load_tokenizer(const std::string& path) {
   return t;
 }
 
+// A model and the lock that serialises everything touching it: its backend's thread pool takes
+// one caller at a time, and its KV block pool is not thread-safe, so forward passes (which run
+// without the GIL) and cache releases from different Python threads take turns.
+struct Engine {
+  std::unique_ptr<afm::Model> model;
+  std::mutex mutex;
+};
+
+// A KV cache of an Engine's model; it returns its blocks under the engine's lock.
+struct Cache {
+  std::shared_ptr<Engine> engine;
+  std::unique_ptr<afm::KVCache> cache;
+
+  explicit Cache(std::shared_ptr<Engine> e) : engine(std::move(e)) {
+    std::lock_guard lock(engine->mutex);
+    cache = engine->model->new_cache();
+  }
+  ~Cache() {
+    std::lock_guard lock(engine->mutex);
+    cache.reset();
+  }
+  Cache(const Cache&) = delete;
+  Cache& operator=(const Cache&) = delete;
+};
+
+// The model as Python holds it.
+struct PyModel {
+  std::shared_ptr<Engine> engine;
+  const afm::Model& model() const { return *engine->model; }
+};
+
 std::vector<int32_t> positions_after(const afm::KVCache& cache, size_t n) {
   std::vector<int32_t> p(n);
   std::iota(p.begin(), p.end(), int32_t(cache.length()));
@@ -56,16 +89,15 @@ std::vector<int32_t> positions_after(const afm::KVCache& cache, size_t n) {
 // model.generate(...): one token per next(), each a forward pass without the GIL.
 class Generation {
  public:
-  Generation(afm::Model& model, const ModelTokenizer& tokenizer, std::vector<int32_t> prompt,
+  Generation(const PyModel& model, const ModelTokenizer& tokenizer, std::vector<int32_t> prompt,
              const afm::GenerateOptions& options)
-      : model_(model),
-        cache_(model.new_cache()),
-        generator_(tokenizer.tokenizer, prompt, options, model.max_seq_len()),
+      : cache_(model.engine),
+        generator_(tokenizer.tokenizer, prompt, options, model.model().max_seq_len()),
         pending_(std::move(prompt)) {
     if (pending_.empty()) throw afm::Error("the prompt is empty");
-    if (int64_t(pending_.size()) > model.max_seq_len())
+    if (int64_t(pending_.size()) > model.model().max_seq_len())
       throw afm::Error("the prompt has " + std::to_string(pending_.size()) + " tokens but the context holds " +
-                       std::to_string(model.max_seq_len()));
+                       std::to_string(model.model().max_seq_len()));
   }
 
   // (token id, text): the text may be empty while a character or a possible stop string is held back.
@@ -74,7 +106,10 @@ class Generation {
     std::string text;
     {
       nb::gil_scoped_release unlocked;
-      afm::Tensor logits = model_.forward(pending_, positions_after(*cache_, pending_.size()), *cache_, afm::Logits::Last);
+      std::lock_guard lock(cache_.engine->mutex);
+      afm::KVCache& cache = *cache_.cache;
+      afm::Tensor logits =
+          cache_.engine->model->forward(pending_, positions_after(cache, pending_.size()), cache, afm::Logits::Last);
       text = generator_.step({logits.data, size_t(logits.cols)});
     }
     pending_.assign(1, generator_.last_token());
@@ -84,8 +119,7 @@ class Generation {
   const std::string& finish_reason() const { return generator_.finish_reason(); }
 
  private:
-  afm::Model& model_;
-  std::unique_ptr<afm::KVCache> cache_;
+  Cache cache_;
   afm::TokenGenerator generator_;
   std::vector<int32_t> pending_;
 };
@@ -96,24 +130,30 @@ NB_MODULE(_afm, m) {
   m.doc() = "afm's C++ engine (use the afm package, not this module)";
   nb::exception<afm::Error>(m, "Error", PyExc_RuntimeError);
 
-  nb::class_<afm::KVCache>(m, "KVCache")
-      .def_prop_ro("length", &afm::KVCache::length, "positions held")
-      .def_prop_ro("max_positions", &afm::KVCache::max_positions)
-      .def("clear", &afm::KVCache::clear);
+  nb::class_<Cache>(m, "KVCache")
+      .def_prop_ro("length", [](const Cache& c) { return c.cache->length(); }, "positions held")
+      .def_prop_ro("max_positions", [](const Cache& c) { return c.cache->max_positions(); })
+      .def("clear", [](Cache& c) {
+        std::lock_guard lock(c.engine->mutex);
+        c.cache->clear();
+      });
 
-  nb::class_<afm::Model>(m, "Model")
-      .def_prop_ro("vocab_size", [](const afm::Model& model) { return model.config().vocab_size; })
-      .def_prop_ro("max_seq_len", &afm::Model::max_seq_len)
-      .def_prop_ro("architecture", [](const afm::Model& model) { return model.config().architecture; })
-      .def_prop_ro("weights", [](const afm::Model& model) { return afm::format_name(model.weight_format()); })
-      .def("new_cache", &afm::Model::new_cache)
+  nb::class_<PyModel>(m, "Model")
+      .def_prop_ro("vocab_size", [](const PyModel& p) { return p.model().config().vocab_size; })
+      .def_prop_ro("max_seq_len", [](const PyModel& p) { return p.model().max_seq_len(); })
+      .def_prop_ro("architecture", [](const PyModel& p) { return p.model().config().architecture; })
+      .def_prop_ro("weights", [](const PyModel& p) { return afm::format_name(p.model().weight_format()); })
+      .def("new_cache", [](const PyModel& p) { return std::make_unique<Cache>(p.engine); })
       .def(
           "forward",
-          [](afm::Model& model, const std::vector<int32_t>& input_ids, afm::KVCache& cache) {
+          [](PyModel& p, const std::vector<int32_t>& input_ids, Cache& cache) {
+            if (cache.engine != p.engine) throw afm::Error("forward: the cache belongs to another model");
             afm::Tensor logits;
             {
               nb::gil_scoped_release unlocked;
-              logits = model.forward(input_ids, positions_after(cache, input_ids.size()), cache, afm::Logits::All);
+              std::lock_guard lock(p.engine->mutex);
+              afm::KVCache& c = *cache.cache;
+              logits = p.engine->model->forward(input_ids, positions_after(c, input_ids.size()), c, afm::Logits::All);
             }
             return to_numpy(std::move(logits));
           },
@@ -128,8 +168,10 @@ NB_MODULE(_afm, m) {
         options.max_seq_len = max_seq_len;
         options.weights = afm::parse_weight_format(weights);
         options.num_threads = threads;
+        auto engine = std::make_shared<Engine>();
         nb::gil_scoped_release unlocked;
-        return afm::build_model(path, options);
+        engine->model = afm::build_model(path, options);
+        return PyModel{std::move(engine)};
       },
       "path"_a, "device"_a, "max_seq_len"_a, "weights"_a, "threads"_a);
 
@@ -178,14 +220,14 @@ NB_MODULE(_afm, m) {
           },
           "do_sample"_a, "temperature"_a, "top_p"_a, "top_k"_a, "min_p"_a, "repetition_penalty"_a, "seed"_a);
 
-  m.def("generation_defaults", [](const std::string& path, const afm::Model& model) {
-    const afm::ModelConfig& c = model.config();
+  m.def("generation_defaults", [](const std::string& path, const PyModel& model) {
+    const afm::ModelConfig& c = model.model().config();
     return afm::load_model_generation_config(path, afm::ModelTokenIds{c.eos_token_ids, c.bos_token_id}).eos_token_ids;
   });
 
   nb::class_<Generation>(m, "Generation")
-      .def(nb::init<afm::Model&, const ModelTokenizer&, std::vector<int32_t>, const afm::GenerateOptions&>(),
-           nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>())
+      .def(nb::init<const PyModel&, const ModelTokenizer&, std::vector<int32_t>, const afm::GenerateOptions&>(),
+           nb::keep_alive<1, 3>())  // the engine lives on in the Generation's cache; the tokenizer is borrowed
       .def("__iter__", [](nb::handle self) { return self; })
       .def("__next__", &Generation::next)
       .def_prop_ro("finish_reason", &Generation::finish_reason);

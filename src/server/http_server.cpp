@@ -67,6 +67,7 @@ class Server {
     std::fflush(stdout);
     std::thread signals([this] { wait_for_termination(); });
     const bool ok = http_.listen_after_bind();
+    listener_done_ = true;
     if (!stopping_) pthread_kill(signals.native_handle(), SIGTERM);  // the listener died: end the signal thread too
     signals.join();
     return ok || stopping_ ? 0 : 1;
@@ -83,9 +84,16 @@ class Server {
     scheduler_.drain();
     // The engine is done; let the handlers write what it produced (httplib stops writing
     // responses once stopped), waiting at most a minute for slow clients.
-    std::unique_lock lock(responses_mutex_);
-    responses_done_.wait_for(lock, std::chrono::minutes(1), [&] { return responses_in_flight_ == 0; });
-    http_.stop();
+    {
+      std::unique_lock lock(responses_mutex_);
+      responses_done_.wait_for(lock, std::chrono::minutes(1), [&] { return responses_in_flight_ == 0; });
+    }
+    // stop() does nothing before listen_after_bind() has started running, which a signal right
+    // after the "listening" line can beat: keep asking until the listener has returned.
+    while (!listener_done_) {
+      http_.stop();
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
   }
 
   // Counts a generation response from its request's admission until httplib has written it
@@ -173,6 +181,9 @@ class Server {
       send_error(res, e.status, e.what(), e.param, e.type);
     } catch (const Error& e) {
       send_error(res, 400, e.what());
+    } catch (const json::exception& e) {
+      metrics_.rejected(400);
+      send_error(res, 400, std::string("invalid request body: ") + e.what());
     }
   }
 
@@ -224,8 +235,13 @@ class Server {
       ApiRequest api = parse_request(endpoint, req.body, served_);
       writer = std::make_shared<ResponseWriter>(api, served_);
       const bool stream = api.stream;
-      request = scheduler_.submit(std::move(api.job));
-      response_started();
+      response_started();  // before submit, so a drain cannot finish between the two
+      try {
+        request = scheduler_.submit(std::move(api.job));
+      } catch (...) {
+        response_written();
+        throw;
+      }
       if (stream) return start_stream(request, writer, res);
     } catch (const ApiError& e) {
       metrics_.rejected(e.status);
@@ -239,6 +255,9 @@ class Server {
     } catch (const Error& e) {  // a request the scheduler can never run
       metrics_.rejected(400);
       return send_error(res, 400, e.what());
+    } catch (const json::exception& e) {  // a value of an unexpected JSON type deep in the body
+      metrics_.rejected(400);
+      return send_error(res, 400, std::string("invalid request body: ") + e.what());
     }
     std::vector<ChoiceDelta> deltas;
     while (request->next(deltas, kPoll)) writer->collect(deltas);
@@ -267,7 +286,10 @@ class Server {
             out += error.empty() ? writer->final_chunks(request->usage())
                                  : "data: " + dump(error_body(500, error, {}, "server_error")) + "\n\ndata: [DONE]\n\n";
           }
-          if ((out.empty() && !sink.is_writable()) || (!out.empty() && !sink.write(out.data(), out.size()))) {
+          // An idle poll writes an SSE comment (clients skip it): a client that has gone away then
+          // fails a write within a poll or two, even while its request waits or prefills.
+          if (out.empty()) out = ": waiting\n\n";
+          if (!sink.write(out.data(), out.size())) {
             request->cancel();
             return false;
           }
@@ -285,7 +307,7 @@ class Server {
   ServedModel served_;
   Scheduler scheduler_;
   httplib::Server http_;
-  std::atomic<bool> stopping_{false};
+  std::atomic<bool> stopping_{false}, listener_done_{false};
   std::mutex responses_mutex_;
   std::condition_variable responses_done_;
   int64_t responses_in_flight_ = 0;

@@ -92,7 +92,7 @@ std::shared_ptr<Request> Scheduler::submit(Job job) {
     throw Error("the request needs up to " + std::to_string(needed) + " KV cache blocks but the server has " +
                 std::to_string(pool) + " (ask for fewer tokens or choices)");
   auto request = std::make_shared<Request>();
-  request->choices_left_ = job.n;
+  request->choices_left_ = 1;  // one sequence until the prompt is done; each fork adds one
   request->usage_.prompt_tokens = int64_t(job.prompt.size());
   {
     std::lock_guard lock(mutex_);
@@ -136,7 +136,9 @@ void Scheduler::run() {
     retire_finished();
     const std::shared_ptr<BlockPool>& pool = model_.kv_pool();
     std::lock_guard lock(mutex_);
-    gauges_.running = int64_t(running_.size());
+    gauges_.running = 0;  // requests, not sequences: the choices of one request run side by side
+    for (size_t i = 0; i < running_.size(); i++)
+      if (running_[i]->index == 0) gauges_.running++;
     gauges_.waiting = int64_t(waiting_.size());
     gauges_.kv_blocks_free = pool->free_blocks();
     gauges_.kv_blocks_used = pool->max_blocks() - pool->free_blocks();
@@ -185,16 +187,16 @@ void Scheduler::admit() {
       waiting_.pop_front();
     }
     auto job = std::make_shared<const Job>(std::move(next.job));
-    auto cache = model_.new_cache();
     // At least the last prompt token is fed, so that its logits exist to sample from.
-    const int64_t reused = prefix_cache_.attach(job->prompt, int64_t(job->prompt.size()) - 1, *cache);
-    const int64_t needed = blocks_needed(*job) - int64_t(cache->blocks().size());
-    if (needed > blocks_available()) {  // the pool is full: wait at the head of the queue
-      cache.reset();
+    const int64_t prefix_limit = int64_t(job->prompt.size()) - 1;
+    const int64_t shared = prefix_cache_.shared_blocks(job->prompt, prefix_limit);
+    if (blocks_needed(*job) - shared > blocks_available()) {  // the pool is full: wait at the head of the queue
       std::lock_guard lock(mutex_);
       waiting_.push_front({std::move(next.request), *job});
       return;
     }
+    auto cache = model_.new_cache();
+    const int64_t reused = prefix_cache_.attach(job->prompt, prefix_limit, *cache);
     next.request->usage_.cached_tokens = reused;
     auto s = std::unique_ptr<Sequence>(new Sequence{next.request, job, 0, std::move(cache),
                                                     TokenGenerator(tokenizer_, job->prompt, job->options, model_.max_seq_len()),
@@ -244,8 +246,9 @@ void Scheduler::step() {
           auto child = std::unique_ptr<Sequence>(new Sequence{s.request, s.job, c, s.cache->fork(),
                                                               TokenGenerator(tokenizer_, s.job->prompt, options, model_.max_seq_len()),
                                                               per_choice, Clock::now(), {}});
-          emit(*child, row);
+          s.request->choices_left_++;
           running_.push_back(std::move(child));
+          emit(*running_.back(), row);
         }
       }
       emit(s, row);

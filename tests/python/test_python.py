@@ -139,3 +139,26 @@ def test_forward_releases_the_gil(austen):
     worker.join()
     assert cache.length == len(ids)
     assert iterations > 50, "the main thread could not run while forward computed"
+
+
+def test_threads_share_a_model_safely(austen):
+    """forward from several threads at once (the GIL released) takes turns on the model."""
+    ids = austen.tokenizer.encode("It is a truth universally acknowledged, that a single man")
+    want = austen.forward(ids, austen.new_cache()).copy()
+    results, errors = [], []
+
+    def run():
+        try:
+            for _ in range(5):
+                results.append(austen.forward(ids, austen.new_cache()).copy())
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a forward never returned"
+    assert not errors
+    assert len(results) == 20 and all(np.array_equal(r, want) for r in results)

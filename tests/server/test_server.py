@@ -10,6 +10,8 @@ import os
 import re
 import signal
 import socket
+import struct
+import subprocess
 import threading
 import time
 
@@ -827,3 +829,53 @@ def test_metrics_count_requests(server):
     assert after["afm_prefix_cache_queries_total"] - before["afm_prefix_cache_queries_total"] == 2
     assert after["afm_kv_blocks_used"] + after["afm_kv_blocks_free"] == server.pool_blocks()
     assert after["afm_kv_blocks_used"] == after["afm_prefix_cache_blocks"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# regressions from review
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sigterm_right_after_listening_still_stops(start_server):
+    """A signal that arrives as soon as the address is printed, before the listener runs."""
+    for _ in range(10):
+        s = start_server("--weights", "f32")
+        s.proc.send_signal(signal.SIGTERM)
+        try:
+            assert s.proc.wait(15) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"afm serve ignored a SIGTERM sent right after it started listening\n{s.log()}")
+
+
+def test_n_choices_cancelled_during_prefill_finish(start_server):
+    """A streamed n=2 request whose client leaves while its long prompt is prefilled ends, so the
+    server still drains and exits on SIGTERM."""
+    s = start_server("--weights", "f32", "--prefill-chunk", "16")
+    with open(os.path.join(MODEL_DIR, "eval_prompt.txt"), encoding="utf-8") as f:
+        prompt = f.read() * 50  # about 6000 tokens, 16 a step: the prefill takes hundreds of steps
+    body = json.dumps({"prompt": prompt, "max_tokens": 50, "n": 2, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", s.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    time.sleep(0.05)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # reset: gone while the prompt is still being prefilled
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        text = s.http.get("/metrics").text
+        if re.search(r"^afm_requests_finished_total 1$", text, re.M) and re.search(r"^afm_requests_running 0$", text, re.M):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the cancelled n=2 request never finished:\n{text}")
+    s.http.close()
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(20) == 0
+
+
+@pytest.mark.parametrize("body", [{"content": "x", "with_pieces": "yes"},
+                                  {"messages": [{"role": "user", "content": [{"type": 5, "text": "x"}]}]}])
+def test_wrongly_typed_nested_values_are_400(server, body):
+    r = server.http.post("/tokenize", json=body)
+    assert r.status_code == 400, r.text
+    assert "message" in r.json()["error"]
