@@ -92,6 +92,18 @@ double row_relative_error(const float* got, const float* want, int64_t n) {
   return std::isfinite(e) ? e : INFINITY;
 }
 
+// A new cache per prompt, and the batch feeding each prompt to its cache.
+std::pair<std::vector<std::unique_ptr<afm::KVCache>>, std::vector<afm::SequenceInput>> fresh_batch(
+    afm::Model& model, const std::vector<std::vector<int32_t>>& prompts) {
+  std::vector<std::unique_ptr<afm::KVCache>> caches;
+  std::vector<afm::SequenceInput> batch;
+  for (const auto& prompt : prompts) {
+    caches.push_back(model.new_cache());
+    batch.push_back({prompt, caches.back().get()});
+  }
+  return {std::move(caches), std::move(batch)};
+}
+
 struct ThreePrompts {
   std::vector<std::vector<int32_t>> prompts = {random_tokens(5, 1), random_tokens(17, 2), random_tokens(9, 3)};
 };
@@ -107,12 +119,7 @@ TEST(BatchedForward, LastRowsMatchEachSequenceAlone) {
     ASSERT_EQ(single.back().rows, 1);
   }
 
-  std::vector<std::unique_ptr<afm::KVCache>> caches;
-  std::vector<afm::SequenceInput> batch;
-  for (const auto& prompt : p.prompts) {
-    caches.push_back(model.new_cache());
-    batch.push_back({prompt, caches.back().get()});
-  }
+  auto [caches, batch] = fresh_batch(model, p.prompts);
   const Rows got = copy(model.forward(batch, afm::Logits::Last));
   ASSERT_EQ(got.rows, 3);
   ASSERT_EQ(got.cols, vocab);
@@ -129,12 +136,7 @@ TEST(BatchedForward, AllRowsComeInSequenceOrder) {
   afm::Model& model = arcee();
   const int64_t vocab = model.config().vocab_size;
   ThreePrompts p;
-  std::vector<std::unique_ptr<afm::KVCache>> caches;
-  std::vector<afm::SequenceInput> batch;
-  for (const auto& prompt : p.prompts) {
-    caches.push_back(model.new_cache());
-    batch.push_back({prompt, caches.back().get()});
-  }
+  auto [caches, batch] = fresh_batch(model, p.prompts);
   const Rows got = copy(model.forward(batch, afm::Logits::All));
   ASSERT_EQ(got.rows, 5 + 17 + 9);
   int64_t row = 0;
@@ -162,12 +164,7 @@ TEST(BatchedForward, DecodeStepsForEverySequenceMatchSingleSteps) {
     step2.push_back(alone(model, std::span(&after[s], 1), *cache, afm::Logits::Last));
   }
 
-  std::vector<std::unique_ptr<afm::KVCache>> caches;
-  std::vector<afm::SequenceInput> batch;
-  for (const auto& prompt : p.prompts) {
-    caches.push_back(model.new_cache());
-    batch.push_back({prompt, caches.back().get()});
-  }
+  auto [caches, batch] = fresh_batch(model, p.prompts);
   model.forward(batch, afm::Logits::Last);
   std::vector<afm::SequenceInput> decode;
   for (int s = 0; s < 3; s++) decode.push_back({std::span(&next[s], 1), caches[s].get()});
