@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 from tokenizers import Tokenizer as HFTokenizer
 
 import afm
@@ -18,6 +17,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 AUSTEN = os.path.join(ROOT, "models", "afm-tiny-austen")
 AFM = os.environ.get("AFM_BINARY", os.path.join(ROOT, "build", "afm"))
+
+def load_file(path):
+    """The tensors of a .safetensors file (8-byte header size, JSON header, raw little-endian data)."""
+    dtypes = {"F32": np.float32, "I64": np.int64, "I32": np.int32}
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        data = f.read()
+    return {name: np.frombuffer(data[t["data_offsets"][0]:t["data_offsets"][1]], dtypes[t["dtype"]]).reshape(t["shape"])
+            for name, t in header.items() if name != "__metadata__"}
+
 
 CHECKPOINTS = {  # model folder, its HF reference
     "tiny-arcee": (os.path.join(FIXTURES, "tiny-arcee"), os.path.join(FIXTURES, "tiny-arcee", "reference.safetensors")),
