@@ -204,10 +204,7 @@ class Server {
         tokens.push_back(id);
         continue;
       }
-      std::string bytes, piece;
-      served_.tokenizer->append_token_bytes(id, false, bytes);
-      append_utf8_lossy(bytes, piece);
-      tokens.push_back({{"id", id}, {"piece", piece}});
+      tokens.push_back({{"id", id}, {"piece", token_text(*served_.tokenizer, id)}});
     }
     return {{"tokens", tokens}};
   }

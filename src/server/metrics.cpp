@@ -57,7 +57,7 @@ void Metrics::inter_token_latency(double seconds) {
   itl_.observe(seconds);
 }
 
-void Metrics::step(int64_t batch_sequences, int64_t /*batch_tokens*/) {
+void Metrics::step(int64_t batch_sequences) {
   std::lock_guard lock(mutex_);
   batch_size_.observe(double(batch_sequences));
 }

@@ -35,7 +35,7 @@ class Metrics {
   Metrics();
   void request_finished(int64_t prompt_tokens, int64_t generated_tokens, double ttft_s, double e2e_s);
   void inter_token_latency(double seconds);
-  void step(int64_t batch_sequences, int64_t batch_tokens);
+  void step(int64_t batch_sequences);
   void rejected(int status);  // a request refused (429, 4xx) before it reached the model
   std::string render(const SchedulerGauges& gauges) const;
 

@@ -168,12 +168,6 @@ std::string token_bytes(const Tokenizer& tokenizer, int32_t id) {
   return bytes;
 }
 
-std::string token_text(const Tokenizer& tokenizer, int32_t id) {
-  std::string text;
-  append_utf8_lossy(token_bytes(tokenizer, id), text);
-  return text;
-}
-
 json bytes_json(const std::string& bytes) {
   json out = json::array();
   for (unsigned char c : bytes) out.push_back(int(c));
@@ -181,6 +175,12 @@ json bytes_json(const std::string& bytes) {
 }
 
 }  // namespace
+
+std::string token_text(const Tokenizer& tokenizer, int32_t id) {
+  std::string text;
+  append_utf8_lossy(token_bytes(tokenizer, id), text);
+  return text;
+}
 
 json error_body(int status, const std::string& message, const std::string& param, const std::string& type) {
   return {{"error",

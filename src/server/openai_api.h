@@ -84,6 +84,8 @@ class ResponseWriter {
 };
 
 nlohmann::json usage_json(const Usage& usage);
+// A token's bytes (special tokens included) as valid UTF-8, as logprobs and /tokenize show it.
+std::string token_text(const Tokenizer& tokenizer, int32_t id);
 std::string dump(const nlohmann::json& j);  // compact, invalid UTF-8 replaced rather than thrown on
 
 }  // namespace afm::server

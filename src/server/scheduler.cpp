@@ -198,11 +198,18 @@ void Scheduler::admit() {
     auto cache = model_.new_cache();
     const int64_t reused = prefix_cache_.attach(job->prompt, prefix_limit, *cache);
     next.request->usage_.cached_tokens = reused;
-    auto s = std::unique_ptr<Sequence>(new Sequence{next.request, job, 0, std::move(cache),
-                                                    TokenGenerator(tokenizer_, job->prompt, job->options, model_.max_seq_len()),
-                                                    blocks_needed(*job), Clock::now(), {}});
-    running_.push_back(std::move(s));
+    running_.push_back(start_choice(next.request, job, 0, std::move(cache), blocks_needed(*job)));
   }
+}
+
+std::unique_ptr<Scheduler::Sequence> Scheduler::start_choice(std::shared_ptr<Request> request,
+                                                             std::shared_ptr<const Job> job, int index,
+                                                             std::unique_ptr<KVCache> cache, int64_t reserved_blocks) {
+  GenerateOptions options = job->options;
+  options.sampling.seed += uint64_t(index);  // choice i samples with seed + i
+  TokenGenerator generator(tokenizer_, job->prompt, options, model_.max_seq_len());
+  return std::unique_ptr<Sequence>(new Sequence{std::move(request), std::move(job), index, std::move(cache),
+                                                std::move(generator), reserved_blocks, Clock::now(), {}});
 }
 
 void Scheduler::step() {
@@ -226,9 +233,7 @@ void Scheduler::step() {
   if (order.empty()) return;
   for (Sequence* s : order) batch.push_back({s->feed, s->cache.get()});
 
-  int64_t tokens = 0;
-  for (Sequence* s : order) tokens += int64_t(s->feed.size());
-  metrics_.step(int64_t(order.size()), tokens);
+  metrics_.step(int64_t(order.size()));
   try {
     Tensor logits = model_.forward(batch, Logits::Last);
     for (size_t i = 0; i < order.size(); i++) {
@@ -241,13 +246,8 @@ void Scheduler::step() {
         const int64_t per_choice = s.reserved_blocks / s.job->n;
         s.reserved_blocks = per_choice;
         for (int c = 1; c < s.job->n; c++) {
-          GenerateOptions options = s.job->options;
-          options.sampling.seed += uint64_t(c);
-          auto child = std::unique_ptr<Sequence>(new Sequence{s.request, s.job, c, s.cache->fork(),
-                                                              TokenGenerator(tokenizer_, s.job->prompt, options, model_.max_seq_len()),
-                                                              per_choice, Clock::now(), {}});
+          running_.push_back(start_choice(s.request, s.job, c, s.cache->fork(), per_choice));
           s.request->choices_left_++;
-          running_.push_back(std::move(child));
           emit(*running_.back(), row);
         }
       }

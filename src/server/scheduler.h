@@ -135,6 +135,9 @@ class Scheduler {
   void drop_cancelled();
   void admit();
   void step();
+  // A sequence generating choice `index` of a job (sampling with seed + index) from `cache`.
+  std::unique_ptr<Sequence> start_choice(std::shared_ptr<Request> request, std::shared_ptr<const Job> job, int index,
+                                         std::unique_ptr<KVCache> cache, int64_t reserved_blocks);
   void emit(Sequence& s, std::span<const float> logits);
   void retire_finished();
   int64_t blocks_available() const;
