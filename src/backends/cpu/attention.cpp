@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/cpu/row_count.h"
 #include "backends/cpu/simd.h"
 #include "error.h"
 #include "numeric.h"
@@ -186,14 +187,8 @@ AFM_AVX2 void scores_avx2(const float* q, int rows, const uint8_t* keys, int64_t
   for (int r0 = 0; r0 < rows; r0 += kRows) {
     const float* qr = q + r0 * head_dim;
     float* sr = s + r0 * kChunk;
-    switch (std::min(kRows, rows - r0)) {
-      case 1: score_rows_avx2<T, 1>(qr, keys, stride, head_dim, sr); break;
-      case 2: score_rows_avx2<T, 2>(qr, keys, stride, head_dim, sr); break;
-      case 3: score_rows_avx2<T, 3>(qr, keys, stride, head_dim, sr); break;
-      case 4: score_rows_avx2<T, 4>(qr, keys, stride, head_dim, sr); break;
-      case 5: score_rows_avx2<T, 5>(qr, keys, stride, head_dim, sr); break;
-      default: score_rows_avx2<T, 6>(qr, keys, stride, head_dim, sr); break;
-    }
+    with_count<kRows>(std::min(kRows, rows - r0),
+                      [&]<int R>() { score_rows_avx2<T, R>(qr, keys, stride, head_dim, sr); });
   }
 }
 
@@ -264,14 +259,8 @@ AFM_AVX2 void accumulate_avx2(const float* p, int rows, const uint8_t* values, i
     const float* pr = p + r0 * kChunk;
     const float* ar = alpha + r0;
     float* orow = o + r0 * head_dim;
-    switch (std::min(kRows, rows - r0)) {
-      case 1: accumulate_rows_avx2<T, 1>(pr, values, n, head_dim, ar, orow); break;
-      case 2: accumulate_rows_avx2<T, 2>(pr, values, n, head_dim, ar, orow); break;
-      case 3: accumulate_rows_avx2<T, 3>(pr, values, n, head_dim, ar, orow); break;
-      case 4: accumulate_rows_avx2<T, 4>(pr, values, n, head_dim, ar, orow); break;
-      case 5: accumulate_rows_avx2<T, 5>(pr, values, n, head_dim, ar, orow); break;
-      default: accumulate_rows_avx2<T, 6>(pr, values, n, head_dim, ar, orow); break;
-    }
+    with_count<kRows>(std::min(kRows, rows - r0),
+                      [&]<int R>() { accumulate_rows_avx2<T, R>(pr, values, n, head_dim, ar, orow); });
   }
 }
 
@@ -337,16 +326,8 @@ AFM_AVX512 void scores_avx512(const float* q, int rows, const uint8_t* keys, int
   for (int r0 = 0; r0 < rows; r0 += kRows) {
     const float* qr = q + r0 * head_dim;
     float* sr = s + r0 * kChunk;
-    switch (std::min(kRows, rows - r0)) {
-      case 1: score_rows_avx512<T, 1>(qr, keys, stride, head_dim, sr); break;
-      case 2: score_rows_avx512<T, 2>(qr, keys, stride, head_dim, sr); break;
-      case 3: score_rows_avx512<T, 3>(qr, keys, stride, head_dim, sr); break;
-      case 4: score_rows_avx512<T, 4>(qr, keys, stride, head_dim, sr); break;
-      case 5: score_rows_avx512<T, 5>(qr, keys, stride, head_dim, sr); break;
-      case 6: score_rows_avx512<T, 6>(qr, keys, stride, head_dim, sr); break;
-      case 7: score_rows_avx512<T, 7>(qr, keys, stride, head_dim, sr); break;
-      default: score_rows_avx512<T, 8>(qr, keys, stride, head_dim, sr); break;
-    }
+    with_count<kRows>(std::min(kRows, rows - r0),
+                      [&]<int R>() { score_rows_avx512<T, R>(qr, keys, stride, head_dim, sr); });
   }
 }
 
@@ -411,16 +392,8 @@ AFM_AVX512 void accumulate_avx512(const float* p, int rows, const uint8_t* value
     const float* pr = p + r0 * kChunk;
     const float* ar = alpha + r0;
     float* orow = o + r0 * head_dim;
-    switch (std::min(kRows, rows - r0)) {
-      case 1: accumulate_rows_avx512<T, 1>(pr, values, n, head_dim, ar, orow); break;
-      case 2: accumulate_rows_avx512<T, 2>(pr, values, n, head_dim, ar, orow); break;
-      case 3: accumulate_rows_avx512<T, 3>(pr, values, n, head_dim, ar, orow); break;
-      case 4: accumulate_rows_avx512<T, 4>(pr, values, n, head_dim, ar, orow); break;
-      case 5: accumulate_rows_avx512<T, 5>(pr, values, n, head_dim, ar, orow); break;
-      case 6: accumulate_rows_avx512<T, 6>(pr, values, n, head_dim, ar, orow); break;
-      case 7: accumulate_rows_avx512<T, 7>(pr, values, n, head_dim, ar, orow); break;
-      default: accumulate_rows_avx512<T, 8>(pr, values, n, head_dim, ar, orow); break;
-    }
+    with_count<kRows>(std::min(kRows, rows - r0),
+                      [&]<int R>() { accumulate_rows_avx512<T, R>(pr, values, n, head_dim, ar, orow); });
   }
 }
 

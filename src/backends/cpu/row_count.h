@@ -1,12 +1,22 @@
-// The SIMD dot kernels are compiled once per count of activation rows (1..kMaxDotRows), so their
-// accumulators stay in registers; this calls the instantiation for a count known at run time.
+// The SIMD kernels are compiled once per count of rows (activation rows, query rows), so their
+// accumulators stay in registers; these call the instantiation for a count known at run time.
 #pragma once
 #include <string>
+#include <utility>
 
 #include "backends/cpu/dot.h"
 #include "error.h"
 
 namespace afm::cpu {
+
+// f.template operator()<n>() for 1 <= n <= Max (a lambda with a template parameter <int N>);
+// nothing for another n.
+template <int Max, class F>
+void with_count(int n, const F& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    ((n == I + 1 && (f.template operator()<I + 1>(), true)) || ...);
+  }(std::make_integer_sequence<int, Max>());
+}
 
 [[noreturn]] inline void bad_row_count(const char* kernel, int n_x) {
   throw Error(std::string(kernel) + ": n_x = " + std::to_string(n_x) + ", expected 1.." + std::to_string(kMaxDotRows));
@@ -15,14 +25,8 @@ namespace afm::cpu {
 // Kernel<n_x>::run(args...); throws afm::Error (naming `kernel`) for n_x outside 1..kMaxDotRows.
 template <template <int> class Kernel, class... Args>
 void run_for_row_count(const char* kernel, int n_x, const Args&... args) {
-  static_assert(kMaxDotRows == 4, "one case per row count");
-  switch (n_x) {
-    case 1: return Kernel<1>::run(args...);
-    case 2: return Kernel<2>::run(args...);
-    case 3: return Kernel<3>::run(args...);
-    case 4: return Kernel<4>::run(args...);
-    default: bad_row_count(kernel, n_x);
-  }
+  if (n_x < 1 || n_x > kMaxDotRows) bad_row_count(kernel, n_x);
+  with_count<kMaxDotRows>(n_x, [&]<int N>() { Kernel<N>::run(args...); });
 }
 
 }  // namespace afm::cpu
