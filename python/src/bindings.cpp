@@ -12,8 +12,8 @@
 #include <nlohmann/json.hpp>
 #include <memory>
 #include <mutex>
-#include <numeric>
 #include <optional>
+#include <span>
 
 #include "error.h"
 #include "generate.h"
@@ -80,10 +80,11 @@ struct PyModel {
   const afm::Model& model() const { return *engine->model; }
 };
 
-std::vector<int32_t> positions_after(const afm::KVCache& cache, size_t n) {
-  std::vector<int32_t> p(n);
-  std::iota(p.begin(), p.end(), int32_t(cache.length()));
-  return p;
+// Runs `tokens` after the positions `cache` holds (the batched forward with one sequence, which
+// takes the positions from the cache).
+afm::Tensor run(afm::Model& model, std::span<const int32_t> tokens, afm::KVCache& cache, afm::Logits rows) {
+  const afm::SequenceInput sequence{tokens, &cache};
+  return model.forward(std::span(&sequence, 1), rows);
 }
 
 // model.generate(...): one token per next(), each a forward pass without the GIL.
@@ -107,9 +108,7 @@ class Generation {
     {
       nb::gil_scoped_release unlocked;
       std::lock_guard lock(cache_.engine->mutex);
-      afm::KVCache& cache = *cache_.cache;
-      afm::Tensor logits =
-          cache_.engine->model->forward(pending_, positions_after(cache, pending_.size()), cache, afm::Logits::Last);
+      afm::Tensor logits = run(*cache_.engine->model, pending_, *cache_.cache, afm::Logits::Last);
       text = generator_.step({logits.data, size_t(logits.cols)});
     }
     pending_.assign(1, generator_.last_token());
@@ -152,8 +151,7 @@ NB_MODULE(_afm, m) {
             {
               nb::gil_scoped_release unlocked;
               std::lock_guard lock(p.engine->mutex);
-              afm::KVCache& c = *cache.cache;
-              logits = p.engine->model->forward(input_ids, positions_after(c, input_ids.size()), c, afm::Logits::All);
+              logits = run(*p.engine->model, input_ids, *cache.cache, afm::Logits::All);
             }
             return to_numpy(std::move(logits));
           },
