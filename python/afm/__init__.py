@@ -41,8 +41,15 @@ class Tokenizer:
 class Model:
     """A model loaded by afm. forward() and generate() release the GIL while they compute."""
 
-    def __init__(self, path, model, tokenizer):
-        self.path, self._model, self.tokenizer = path, model, tokenizer
+    def __init__(self, path, model):
+        self.path, self._model, self._tokenizer = path, model, None
+
+    @property
+    def tokenizer(self):
+        """The model's Tokenizer, loaded on first use (a folder of weights alone needs none to run)."""
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.path)
+        return self._tokenizer
 
     vocab_size = property(lambda self: self._model.vocab_size)
     max_seq_len = property(lambda self: self._model.max_seq_len)
@@ -55,6 +62,11 @@ class Model:
     def forward(self, input_ids, cache):
         """Logits [len(input_ids), vocab] for input_ids continuing `cache` (which they extend)."""
         return self._model.forward([int(i) for i in input_ids], cache)
+
+    def forward_batch(self, input_ids, caches, last_only=False):
+        """One pass over several sequences (each weight read once for all): input_ids[i] continues
+        caches[i]. Logits of every token of each sequence in turn, or with last_only one row per sequence."""
+        return self._model.forward_batch([[int(i) for i in ids] for ids in input_ids], list(caches), last_only)
 
     def generate(self, prompt_or_ids, max_new_tokens=128, temperature=None, top_p=1.0, top_k=0, min_p=0.0,
                  repetition_penalty=1.0, seed=0, stop=(), chat=False):
@@ -84,4 +96,4 @@ def build_model(path, device="cpu", max_seq_len=None, weights="bfp8", threads=No
     """Loads an HF model folder or a GGUF file. weights: f32, bf16, bfp8 or bfp4."""
     path = os.fspath(path)
     model = _afm.build_model(path, device, int(max_seq_len or 0), weights, int(threads or 0))
-    return Model(path, model, Tokenizer(path))
+    return Model(path, model)

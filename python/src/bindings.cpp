@@ -16,6 +16,7 @@
 #include <span>
 
 #include "error.h"
+#include "eval.h"
 #include "generate.h"
 #include "model.h"
 #include "model_files.h"
@@ -66,12 +67,20 @@ struct Cache {
     std::lock_guard lock(engine->mutex);
     cache = engine->model->new_cache();
   }
+  // The same positions in a new block table: full blocks shared, the partial last one copied.
+  std::unique_ptr<Cache> fork() const {
+    std::lock_guard lock(engine->mutex);
+    return std::unique_ptr<Cache>(new Cache(engine, cache->fork()));
+  }
   ~Cache() {
     std::lock_guard lock(engine->mutex);
     cache.reset();
   }
   Cache(const Cache&) = delete;
   Cache& operator=(const Cache&) = delete;
+
+ private:
+  Cache(std::shared_ptr<Engine> e, std::unique_ptr<afm::KVCache> c) : engine(std::move(e)), cache(std::move(c)) {}
 };
 
 // The model as Python holds it.
@@ -85,6 +94,43 @@ struct PyModel {
 afm::Tensor run(afm::Model& model, std::span<const int32_t> tokens, afm::KVCache& cache, afm::Logits rows) {
   const afm::SequenceInput sequence{tokens, &cache};
   return model.forward(std::span(&sequence, 1), rows);
+}
+
+// Several sequences in one forward pass, each continuing its own cache of this model.
+afm::Tensor run_batch(PyModel& p, const std::vector<std::vector<int32_t>>& tokens, const std::vector<Cache*>& caches,
+                      afm::Logits rows) {
+  if (tokens.size() != caches.size())
+    throw afm::Error("forward_batch: " + std::to_string(tokens.size()) + " token lists for " +
+                     std::to_string(caches.size()) + " caches");
+  std::vector<afm::SequenceInput> batch;
+  for (size_t i = 0; i < tokens.size(); i++) {
+    if (caches[i]->engine != p.engine) throw afm::Error("forward_batch: a cache belongs to another model");
+    batch.push_back({tokens[i], caches[i]->cache.get()});
+  }
+  nb::gil_scoped_release unlocked;
+  std::lock_guard lock(p.engine->mutex);
+  return p.engine->model->forward(batch, rows);
+}
+
+using ReferenceLogits = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+// One prompt's reference as afm::teacher_forcing_eval takes it; logits may be absent (None).
+afm::Reference reference_of(std::vector<int32_t> prompt, std::vector<int32_t> generated,
+                            std::optional<ReferenceLogits> logits, std::optional<ReferenceLogits> decode_logits) {
+  afm::Reference ref;
+  afm::PromptReference& p = ref.prompts.emplace_back();
+  p.ids = std::move(prompt);
+  p.generated = std::move(generated);
+  auto take = [&](const std::optional<ReferenceLogits>& a, size_t rows, const char* name) {
+    if (!a) return std::vector<float>{};
+    if (a->shape(0) != rows || (ref.vocab_size && int64_t(a->shape(1)) != ref.vocab_size))
+      throw afm::Error(std::string("teacher_forcing: ") + name + " must be [" + std::to_string(rows) + ", vocab]");
+    ref.vocab_size = int64_t(a->shape(1));
+    return std::vector<float>(a->data(), a->data() + a->size());
+  };
+  p.logits = take(logits, p.ids.size(), "logits");
+  p.decode_logits = take(decode_logits, p.generated.size(), "decode_logits");
+  return ref;
 }
 
 // model.generate(...): one token per next(), each a forward pass without the GIL.
@@ -132,10 +178,15 @@ NB_MODULE(_afm, m) {
   nb::class_<Cache>(m, "KVCache")
       .def_prop_ro("length", [](const Cache& c) { return c.cache->length(); }, "positions held")
       .def_prop_ro("max_positions", [](const Cache& c) { return c.cache->max_positions(); })
-      .def("clear", [](Cache& c) {
-        std::lock_guard lock(c.engine->mutex);
-        c.cache->clear();
-      });
+      .def_prop_ro(
+          "blocks", [](const Cache& c) { return std::vector<int32_t>(c.cache->blocks().begin(), c.cache->blocks().end()); },
+          "the pool blocks holding its positions, in order (its block table)")
+      .def("clear",
+           [](Cache& c) {
+             std::lock_guard lock(c.engine->mutex);
+             c.cache->clear();
+           })
+      .def("fork", &Cache::fork, "A cache with the same positions, sharing its full blocks (copy on write).");
 
   nb::class_<PyModel>(m, "Model")
       .def_prop_ro("vocab_size", [](const PyModel& p) { return p.model().config().vocab_size; })
@@ -156,7 +207,40 @@ NB_MODULE(_afm, m) {
             return to_numpy(std::move(logits));
           },
           "input_ids"_a, "cache"_a,
-          "Runs input_ids after the cache's positions; returns logits [len(input_ids), vocab] (float32, no copy).");
+          "Runs input_ids after the cache's positions; returns logits [len(input_ids), vocab] (float32, no copy).")
+      .def(
+          "forward_batch",
+          [](PyModel& p, const std::vector<std::vector<int32_t>>& tokens, const std::vector<Cache*>& caches,
+             bool last_only) {
+            return to_numpy(run_batch(p, tokens, caches, last_only ? afm::Logits::Last : afm::Logits::All));
+          },
+          "tokens"_a, "caches"_a, "last_only"_a,
+          "One pass over several sequences, each continuing its cache; logits of every token in turn, or of each "
+          "sequence's last token (last_only).")
+      .def(
+          "teacher_forcing",
+          [](PyModel& p, std::vector<int32_t> prompt, std::vector<int32_t> generated,
+             std::optional<ReferenceLogits> logits, std::optional<ReferenceLogits> decode_logits) {
+            const afm::Reference ref = reference_of(std::move(prompt), std::move(generated), logits, decode_logits);
+            afm::PromptResult r;
+            {
+              nb::gil_scoped_release unlocked;
+              std::lock_guard lock(p.engine->mutex);
+              r = afm::teacher_forcing_eval(*p.engine->model, ref, false).prompts[0];
+            }
+            nb::dict out;
+            out["prompt_tokens"] = r.prompt_tokens;
+            out["steps"] = r.steps;
+            out["top1"] = r.top1;
+            out["top5"] = r.top5;
+            out["prefill_max_rel_err"] = r.prefill_max_rel_err;
+            out["decode_max_rel_err"] = r.decode_max_rel_err;
+            out["top1_misses"] = r.top1_misses;
+            return out;
+          },
+          "prompt"_a, "generated"_a, "logits"_a.none(), "decode_logits"_a.none(),
+          "afm eval's teacher forcing on one prompt and the reference tokens after it (with the reference's logits "
+          "where given).");
 
   m.def(
       "build_model",
