@@ -93,6 +93,18 @@ BlockPool::BlockPool(KVShape shape, int64_t max_blocks)
   for (int64_t b = max_blocks - 1; b >= 0; b--) free_list_.push_back(int32_t(b));
 }
 
+void BlockPool::grow(int64_t max_blocks) {
+  if (max_blocks > INT32_MAX) throw Error("a KV pool holds at most 2^31 - 1 blocks");
+  if (max_blocks <= max_blocks_) return;
+  blocks_.resize(max_blocks);
+  owners_.resize(max_blocks, 0);
+  // New blocks go under the free list, so the ones already free are still handed out first.
+  std::vector<int32_t> added;
+  for (int64_t b = max_blocks - 1; b >= max_blocks_; b--) added.push_back(int32_t(b));
+  free_list_.insert(free_list_.begin(), added.begin(), added.end());
+  max_blocks_ = max_blocks;
+}
+
 int64_t BlockPool::free_blocks() const { return int64_t(free_list_.size()); }
 
 int64_t BlockPool::block_bytes() const {

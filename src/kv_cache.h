@@ -46,6 +46,9 @@ class BlockPool {
 
   const KVShape& shape() const { return shape_; }
   int64_t max_blocks() const { return max_blocks_; }
+  // Room for `max_blocks` in all, never fewer: more sequences at once, while the caches drawing
+  // from the pool keep their blocks (new ones take memory only once used).
+  void grow(int64_t max_blocks);
   int64_t free_blocks() const;
   int64_t block_bytes() const;  // the memory one block takes once used
   // A block with one owner. When none is free it asks the reclaimer first; throws afm::Error

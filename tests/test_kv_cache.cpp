@@ -1,6 +1,7 @@
 // The paged KV cache: block tables, sharing one pool, and its limits.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <random>
@@ -24,6 +25,35 @@ TEST(KVCache, BlocksAreTakenOnDemandAndReturnedOnClear) {
   cache.clear();
   EXPECT_EQ(pool->free_blocks(), 8);
   EXPECT_EQ(cache.length(), 0);
+}
+
+TEST(KVCache, APoolGrowsUnderTheCachesThatUseIt) {
+  auto pool = std::make_shared<afm::BlockPool>(shape(), 2);
+  afm::KVCache a(pool, 64);
+  a.reserve(8);  // both blocks
+  const float key[4] = {1, 2, 3, 4}, value[4] = {5, 6, 7, 8};
+  a.write(1, 1, 7, key, value);
+  afm::KVCache b(pool, 64);
+  EXPECT_THROW(b.reserve(1), afm::Error);  // full
+  pool->grow(5);
+  pool->grow(3);  // never shrinks
+  EXPECT_EQ(pool->max_blocks(), 5);
+  EXPECT_EQ(pool->free_blocks(), 3);
+  b.reserve(8);  // two new blocks
+  a.reserve(9);  // and the third
+  EXPECT_EQ(pool->free_blocks(), 0);
+  float k[4], v[4];
+  a.read_key(1, 1, 7, k);
+  a.read_value(1, 1, 7, v);
+  for (int d = 0; d < 4; d++) {
+    EXPECT_EQ(k[d], key[d]);
+    EXPECT_EQ(v[d], value[d]);
+  }
+  std::vector<int32_t> all(a.blocks().begin(), a.blocks().end());
+  all.insert(all.end(), b.blocks().begin(), b.blocks().end());
+  std::sort(all.begin(), all.end());
+  EXPECT_EQ(all, (std::vector<int32_t>{0, 1, 2, 3, 4}));  // every block once
+  EXPECT_THROW(pool->grow(int64_t(1) << 31), afm::Error);
 }
 
 TEST(KVCache, SequencesSharingAPoolKeepTheirOwnValues) {

@@ -59,6 +59,11 @@ class Model:
     def new_cache(self):
         return self._model.new_cache()
 
+    def reserve_kv(self, sequences, positions):
+        """Grows the KV block pool (built for one sequence of max_seq_len) to hold `sequences` caches of
+        up to `positions` at once. Blocks take memory only once used."""
+        self._model.reserve_kv(int(sequences), int(positions))
+
     def forward(self, input_ids, cache):
         """Logits [len(input_ids), vocab] for input_ids continuing `cache` (which they extend)."""
         return self._model.forward([int(i) for i in input_ids], cache)

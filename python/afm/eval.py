@@ -7,7 +7,6 @@ scores a stored reference: top-1 and top-5 agreement, and the logits' largest re
 Needs torch and transformers for the reference (scripts/install-deps.sh --reference).
 """
 import argparse
-import copy
 import json
 import os
 import sys
@@ -47,21 +46,26 @@ def load_hf_model(path):
 
 
 def hf_reference(hf_model, prompt_ids, max_new_tokens=100):
-    """The reference from transformers' generate(), greedy, for exactly max_new_tokens tokens: eos
-    does not stop it, so every run scores the same number of steps."""
+    """The reference from transformers' model: one pass over the prompt, then greedy one-token steps
+    on its KV cache, each taking the argmax of the raw logits. Not generate(), which would apply the
+    checkpoint's generation config (eos stopping, repetition penalties): the reference is exactly
+    max_new_tokens steps of the model itself."""
     import torch
 
     ids = torch.tensor([list(prompt_ids)], dtype=torch.int64)
-    config = copy.deepcopy(hf_model.generation_config)
-    config.eos_token_id = None  # run the full length (no eos masking either: argmax stays raw)
-    config.do_sample, config.num_beams, config.max_new_tokens = False, 1, max_new_tokens
-    config.output_logits = config.return_dict_in_generate = True
+    generated, decode = [], []
     with torch.no_grad():
-        prefill = hf_model(input_ids=ids).logits[0].float().numpy()
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    generated = out.sequences[0, ids.shape[1]:].tolist()
-    decode = torch.cat(out.logits).float().numpy()
-    return Reference(list(prompt_ids), generated, np.ascontiguousarray(prefill), np.ascontiguousarray(decode))
+        out = hf_model(input_ids=ids, use_cache=True)
+        prefill = out.logits[0].float().numpy()
+        logits, past = out.logits[0, -1], out.past_key_values
+        while True:
+            generated.append(int(torch.argmax(logits)))  # ties go to the lower id, as afm's eval ranks them
+            decode.append(logits.float().numpy())
+            if len(generated) == max_new_tokens:
+                break
+            out = hf_model(input_ids=torch.tensor([generated[-1:]]), past_key_values=past, use_cache=True)
+            logits, past = out.logits[0, -1], out.past_key_values
+    return Reference(list(prompt_ids), generated, np.ascontiguousarray(prefill), np.stack(decode))
 
 
 def teacher_forcing(model, reference):

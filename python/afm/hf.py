@@ -8,6 +8,7 @@ criteria, streamers) drives it.
 
 Needs torch and transformers (scripts/install-deps.sh --reference).
 """
+import copy
 import json
 import os
 import tempfile
@@ -30,6 +31,7 @@ class AfmCache:
     block tables: full blocks are shared, never copied."""
 
     is_compileable = False  # no static shape for torch.compile: generate must not try
+    is_croppable = True  # block tables truncate: assisted and prompt-lookup decoding can roll back
 
     def __init__(self, engine):
         self._engine = engine
@@ -38,6 +40,18 @@ class AfmCache:
 
     def get_seq_length(self, layer_idx=0):
         return self._columns
+
+    def activate_past_recording(self):
+        """Nothing to record: every position stays in its blocks until crop() drops it."""
+
+    def crop(self, tokens_to_remove):
+        """Drops the last -tokens_to_remove columns (transformers 5 passes a count <= 0)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes the number of tokens to remove as a negative int, not {tokens_to_remove}")
+        drop = min(-tokens_to_remove, self._columns)
+        for row in self.rows:  # padding is on the left, so the dropped columns are real tokens
+            row.truncate(max(row.length - drop, 0))
+        self._columns -= drop
 
     def reorder_cache(self, beam_idx):
         """Row i continues old row beam_idx[i]. An old row picked once moves as it is; each further pick
@@ -79,12 +93,17 @@ class AfmForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         raise NotImplementedError("afm's embeddings live in the engine; generate from input_ids, not inputs_embeds")
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length, *args, **kwargs):
+        # Every row generate will run (beams, return sequences) must fit in afm's block pool at once.
+        rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        self.engine.reserve_kv(rows, max_cache_length)
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
             model_kwargs["past_key_values"] = AfmCache(self.engine)
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None,
-                inputs_embeds=None, use_cache=None, logits_to_keep=0, labels=None, return_dict=True, **kwargs):
+                inputs_embeds=None, use_cache=None, logits_to_keep=0, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=True, **kwargs):
         """Logits [batch, kept positions, vocab] for input_ids continuing past_key_values (an AfmCache;
         None starts one). With an attention_mask, a row's masked columns are padding: only left
         padding is supported, as for generation with any decoder-only model."""
@@ -92,6 +111,8 @@ class AfmForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("AfmForCausalLM takes input_ids (afm embeds tokens itself)")
         if labels is not None:
             raise ValueError("AfmForCausalLM is for inference: it computes no loss")
+        if output_attentions or output_hidden_states:
+            raise ValueError("AfmForCausalLM returns logits only (no attentions or hidden states)")
         cache = AfmCache(self.engine) if past_key_values is None else past_key_values
         if not isinstance(cache, AfmCache):
             raise TypeError(f"past_key_values must be an AfmCache, not {type(cache).__name__}")
@@ -100,48 +121,51 @@ class AfmForCausalLM(PreTrainedModel, GenerationMixin):
         cache._ensure_rows(batch)
         ids = input_ids.tolist()
         if attention_mask is not None:
-            mask = torch.as_tensor(attention_mask)[:, -columns:].bool()
-            if not bool(mask[:, -1].all()):
-                raise ValueError("AfmForCausalLM needs left padding: a row's last input column is masked out")
-            ids = [[t for t, keep in zip(row, keep_row) if keep] for row, keep_row in zip(ids, mask.tolist())]
-        if any(not row for row in ids):
-            raise ValueError("a row of the batch has no unmasked tokens")
+            mask = torch.as_tensor(attention_mask).bool()
+            if bool((mask[:, :-1] & ~mask[:, 1:]).any()):  # a 1 followed by a 0
+                raise ValueError("AfmForCausalLM needs left padding: a row's mask has padding after a token")
+            keep_columns = mask[:, -columns:].tolist()
+            ids = [[t for t, keep in zip(row, keep_row) if keep] for row, keep_row in zip(ids, keep_columns)]
+        # Rows with tokens in this call (one whose chunk of a chunked prefill is all padding waits).
+        active = [b for b, row in enumerate(ids) if row]
+        if not active:
+            raise ValueError("every row of this input is padding")
 
         keep = logits_to_keep if isinstance(logits_to_keep, int) else 0
-        if keep == 1:
-            logits = torch.from_numpy(self._forward_rows(ids, cache.rows, last_only=True))[:, None, :]
-        else:
-            flat = torch.from_numpy(self._forward_rows(ids, cache.rows, last_only=False))
-            logits = torch.zeros(batch, columns, flat.shape[1])
-            start = 0
-            for b, row in enumerate(ids):  # a row's tokens are its last len(row) columns (left padding)
-                logits[b, columns - len(row):] = flat[start:start + len(row)]
-                start += len(row)
-            if keep > 1:
-                logits = logits[:, -keep:]
-            elif not isinstance(logits_to_keep, int):
-                logits = logits[:, logits_to_keep]
+        flat = torch.from_numpy(self._forward_rows([ids[b] for b in active], [cache.rows[b] for b in active],
+                                                   cache.rows, active, last_only=keep == 1))
+        logits = torch.zeros(batch, 1 if keep == 1 else columns, flat.shape[1])
+        start = 0
+        for b in active:  # a row's tokens are its last len(row) columns (left padding)
+            n = 1 if keep == 1 else len(ids[b])
+            logits[b, logits.shape[1] - n:] = flat[start:start + n]
+            start += n
+        if keep > 1:
+            logits = logits[:, -keep:]
+        elif not isinstance(logits_to_keep, int):
+            logits = logits[:, logits_to_keep]
         cache._columns += columns
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache if use_cache is not False else None)
 
-    def _forward_rows(self, ids, rows, last_only):
-        """The batched forward, with rows that start identical on empty caches (generate's copies of one
-        prompt for beams or num_return_sequences) computed once and forked."""
-        if any(row.length for row in rows):
-            return self.engine.forward_batch(ids, rows, last_only)
+    def _forward_rows(self, ids, rows, all_rows, active, last_only):
+        """The batched forward of ids[i] on rows[i] (= all_rows[active[i]]). Rows that start identical on
+        empty caches (generate's copies of one prompt for beams or num_return_sequences) are computed
+        once, and the copies' caches become forks of it in all_rows."""
         first = {}
-        for i, row in enumerate(ids):
-            first.setdefault(tuple(row), i)
-        unique = sorted(set(first.values()))
+        if not any(row.length for row in rows):
+            for i, row in enumerate(ids):
+                first.setdefault(tuple(row), i)
+        unique = sorted(set(first.values())) if first else list(range(len(ids)))
         if len(unique) == len(ids):
             return self.engine.forward_batch(ids, rows, last_only)
         out = self.engine.forward_batch([ids[i] for i in unique], [rows[i] for i in unique], last_only)
         starts = np.cumsum([0] + [1 if last_only else len(ids[i]) for i in unique])
         parts = []
         for i, row in enumerate(ids):
-            u = unique.index(first[tuple(row)])
-            if first[tuple(row)] != i:
-                rows[i] = rows[first[tuple(row)]].fork()
+            source = first[tuple(row)]
+            if source != i:
+                all_rows[active[i]] = rows[source].fork()
+            u = unique.index(source)
             parts.append(out[starts[u]:starts[u + 1]])
         return np.concatenate(parts)
 
@@ -185,7 +209,7 @@ def build_model(hf_model_or_path, device="cpu", max_seq_len=None, weights="f32",
         engine = afm.build_model(path, device, max_seq_len, weights, threads)
     elif isinstance(hf_model_or_path, PreTrainedModel):
         hf_model = hf_model_or_path
-        config, generation = hf_model.config, hf_model.generation_config
+        config, generation = hf_model.config, copy.deepcopy(hf_model.generation_config)
         with tempfile.TemporaryDirectory(prefix="afm-hf-") as folder:
             _save_weights(hf_model, folder)
             engine = afm.build_model(folder, device, max_seq_len, weights, threads)

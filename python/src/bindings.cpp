@@ -10,6 +10,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <nlohmann/json.hpp>
+#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -104,6 +105,7 @@ afm::Tensor run_batch(PyModel& p, const std::vector<std::vector<int32_t>>& token
                      std::to_string(caches.size()) + " caches");
   std::vector<afm::SequenceInput> batch;
   for (size_t i = 0; i < tokens.size(); i++) {
+    if (!caches[i]) throw afm::Error("forward_batch: caches[" + std::to_string(i) + "] is None");
     if (caches[i]->engine != p.engine) throw afm::Error("forward_batch: a cache belongs to another model");
     batch.push_back({tokens[i], caches[i]->cache.get()});
   }
@@ -186,7 +188,17 @@ NB_MODULE(_afm, m) {
              std::lock_guard lock(c.engine->mutex);
              c.cache->clear();
            })
-      .def("fork", &Cache::fork, "A cache with the same positions, sharing its full blocks (copy on write).");
+      .def("fork", &Cache::fork, "A cache with the same positions, sharing its full blocks (copy on write).")
+      .def(
+          "truncate",
+          [](Cache& c, int64_t length) {
+            if (length < 0 || length > c.cache->length())
+              throw afm::Error("truncate: " + std::to_string(length) + " is not between 0 and the cache's " +
+                               std::to_string(c.cache->length()) + " positions");
+            std::lock_guard lock(c.engine->mutex);
+            c.cache->truncate(length);
+          },
+          "length"_a, "Forgets the positions from `length` on.");
 
   nb::class_<PyModel>(m, "Model")
       .def_prop_ro("vocab_size", [](const PyModel& p) { return p.model().config().vocab_size; })
@@ -194,6 +206,17 @@ NB_MODULE(_afm, m) {
       .def_prop_ro("architecture", [](const PyModel& p) { return p.model().config().architecture; })
       .def_prop_ro("weights", [](const PyModel& p) { return afm::format_name(p.model().weight_format()); })
       .def("new_cache", [](const PyModel& p) { return std::make_unique<Cache>(p.engine); })
+      .def(
+          "reserve_kv",
+          [](PyModel& p, int64_t sequences, int64_t positions) {
+            std::lock_guard lock(p.engine->mutex);
+            const std::shared_ptr<afm::BlockPool>& pool = p.engine->model->kv_pool();
+            const int64_t block = pool->shape().block_size;
+            // One block more per sequence: a fork copies its partial last block while the original lives.
+            pool->grow(sequences * ((std::min(positions, p.model().max_seq_len()) + block - 1) / block + 1));
+          },
+          "sequences"_a, "positions"_a,
+          "Grows the KV block pool to hold `sequences` caches of up to `positions` each at once.")
       .def(
           "forward",
           [](PyModel& p, const std::vector<int32_t>& input_ids, Cache& cache) {

@@ -123,17 +123,42 @@ def test_beam_reordering_forks_block_tables():
     np.testing.assert_allclose(step.logits[1, -1].numpy(), want.numpy(), atol=1e-4)
 
 
-def test_left_padded_batch_equals_transformers():
+PADDED_IDS = torch.tensor([[0, 0, 0, 0, 17, 240, 9, 17, 240], [3, 400, 23, 99, 7, 250, 3, 400, 23]])
+PADDED_MASK = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1], [1] * 9])
+
+
+@pytest.mark.parametrize("mode", [
+    dict(do_sample=False),
+    dict(do_sample=False, prefill_chunk_size=2),  # chunks that are all padding for the first row
+    dict(do_sample=False, use_cache=False),       # the whole sequence every step, a fresh cache each time
+    dict(do_sample=False, prompt_lookup_num_tokens=3, num_return_sequences=1),  # candidates, then crop()
+    dict(num_beams=4, do_sample=False),
+], ids=["greedy", "chunked-prefill", "no-cache", "prompt-lookup", "beams"])
+def test_generation_modes_on_a_left_padded_batch_equal_transformers(mode):
+    """A small context (64 positions): the block pool grows to hold every row generate runs at once."""
     path = CHECKPOINTS["tiny-llama"]
-    hf, ours = load_hf(path), afm.hf.build_model(path, "cpu", max_seq_len=256, weights="f32")
-    ids = torch.tensor([[0, 0, 0, 17, 240, 9], [3, 400, 23, 99, 7, 250]])
-    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    outs = []
-    for model in (hf, ours):
-        outs.append(model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0))
-    assert outs[1].tolist() == outs[0].tolist()
+    hf, ours = load_hf(path), afm.hf.build_model(path, "cpu", max_seq_len=64, weights="f32")
+    batch = 1 if "prompt_lookup_num_tokens" in mode else 2  # transformers' prompt lookup takes one row
+    outs = [model.generate(PADDED_IDS[-batch:], attention_mask=PADDED_MASK[-batch:], max_new_tokens=40,
+                           pad_token_id=0, **mode).tolist() for model in (hf, ours)]
+    assert outs[1] == outs[0]
+
+
+def test_right_padding_and_continuation():
+    path = CHECKPOINTS["tiny-llama"]
+    hf, ours = load_hf(path), afm.hf.build_model(path, "cpu", max_seq_len=128, weights="f32")
     with pytest.raises(ValueError, match="left padding"):
-        ours(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6]))
+        ours(input_ids=PADDED_IDS, attention_mask=PADDED_MASK.flip(1))
+    # generate again on the cache the first call returned, with the full sequence: as transformers does.
+    ids = PADDED_IDS[1:]
+    results = []
+    for model in (hf, ours):
+        first = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                               return_dict_in_generate=True)
+        again = model.generate(first.sequences, attention_mask=torch.ones_like(first.sequences),
+                               past_key_values=first.past_key_values, max_new_tokens=8, do_sample=False)
+        results.append(again.tolist())
+    assert results[1] == results[0]
 
 
 class Collect(BaseStreamer):
@@ -174,7 +199,7 @@ def test_forward_logits_match_the_reference_fixtures(name):
     np.testing.assert_allclose(out.logits[0].numpy(), ref["prompt.0.logits"], atol=1e-4 * max(1, np.abs(ref["prompt.0.logits"]).max()))
     step = ours(input_ids=torch.from_numpy(ref["prompt.0.generated"][:1])[None], past_key_values=out.past_key_values)
     np.testing.assert_allclose(step.logits[0, -1].numpy(), ref["prompt.0.decode_logits"][1], atol=1e-4 * 10)
-    assert out.past_key_values.get_seq_length() == ids.shape[1] + 1
+    assert out.past_key_values.rows[0].length == ids.shape[1] + 1  # the engine's cache holds them
 
 
 def test_build_model_from_an_in_memory_transformers_model():
@@ -187,6 +212,7 @@ def test_build_model_from_an_in_memory_transformers_model():
     ids = torch.tensor([[1, 400, 23, 99, 7, 250]])
     np.testing.assert_allclose(ours(input_ids=ids).logits.numpy(), hf(input_ids=ids).logits.detach().numpy(), atol=1e-4)
     assert ours.generation_config.to_dict() == hf.generation_config.to_dict()
+    assert ours.generation_config is not hf.generation_config
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -199,6 +225,29 @@ def test_bad_inputs_raise_clear_errors():
         ours(input_ids=torch.ones(1, 65, dtype=torch.int64))  # past the context
     with pytest.raises(TypeError, match="path or a transformers"):
         afm.hf.build_model(42)
+    with pytest.raises(ValueError, match="hidden states"):
+        ours(input_ids=torch.tensor([[1, 2]]), output_hidden_states=True)
+    with pytest.raises(afm.Error, match="None"):
+        ours.engine.forward_batch([[1]], [None])
+
+
+def test_the_eval_reference_is_the_raw_argmax_for_every_step():
+    """Whatever the checkpoint's generation config says (eos, penalties), the reference runs every step
+    and takes the model's own argmax."""
+    from afm.eval import hf_reference
+    folder, _ = hf_source(CHECKPOINTS["tiny-llama"])
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    prompt = [1, 400, 23, 99, 7, 250]
+    plain = hf_reference(hf, prompt, 20)
+    hf.generation_config.eos_token_id = plain.generated[1]  # would stop generate() after 2 tokens
+    hf.generation_config.repetition_penalty = 5.0
+    ref = hf_reference(hf, prompt, 20)
+    assert ref.generated == plain.generated and len(ref.generated) == 20
+    assert ref.decode_logits.argmax(1).tolist() == ref.generated
+    with torch.no_grad():
+        full = hf(input_ids=torch.tensor([prompt + ref.generated[:-1]])).logits[0]
+    np.testing.assert_allclose(ref.decode_logits, full[len(prompt) - 1:].numpy(), atol=1e-4)
+    np.testing.assert_allclose(ref.logits, full[:len(prompt)].numpy(), atol=1e-4)
 
 
 def run_eval(*args):
