@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(g++ cmake make pkg-config libgtest-dev libgmock-dev libbenchmark-dev
-          nlohmann-json3-dev libpcre2-dev libcli11-dev libcpp-httplib-dev python3-dev unzip)
+          nlohmann-json3-dev libpcre2-dev libcli11-dev libcpp-httplib-dev python3-dev unzip
+          clang-14 libclang-rt-14-dev)  # clang: the sanitizer and fuzzing builds
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -43,11 +43,17 @@ std::string where(const std::string& src, size_t pos) {
 }
 
 // Bounds that keep a hostile template from exhausting the stack, the CPU or memory. Real chat
-// templates stay far below them.
-constexpr int kMaxNesting = 256;               // parser: nested expressions, blocks and chains
-constexpr int kMaxCallDepth = 100;             // macro recursion
-constexpr int64_t kMaxSteps = 1'000'000;       // loop iterations and macro calls in one render
-constexpr size_t kMaxSize = size_t{64} << 20;  // bytes of output, of one string, items of one list
+// templates stay far below them: a few levels of nesting, a loop over the messages, and prompts of
+// at most a few MB (a million tokens).
+constexpr int kMaxNesting = 256;                 // parser: nested expressions, blocks and chains
+constexpr int kMaxCallDepth = 100;               // macro recursion
+// Steps: loop iterations, macro calls and expression evaluations, about a microsecond each, so a
+// render ends within a second. Real templates take 25 to 50 a message: 10,000 messages fit, more
+// than a 64k-token context holds.
+constexpr int64_t kMaxSteps = 500'000;
+constexpr size_t kMaxSize = size_t{64} << 20;    // bytes of output, of one string
+constexpr size_t kMaxItems = kMaxSteps;          // items of one list: no more than a render can loop over
+constexpr size_t kMaxBuilt = size_t{512} << 20;  // bytes of all the values one render evaluates (time and memory)
 
 // ------------------------------------------------------------------------------------------ values
 
@@ -396,7 +402,10 @@ std::vector<int64_t> slice_indices(int64_t n, const Value& start, const Value& s
   int64_t b = bound(start, st > 0 ? 0 : n - 1);
   int64_t e = bound(stop, st > 0 ? n : -1);
   std::vector<int64_t> out;
-  for (int64_t i = b; st > 0 ? i < e : i > e; i += st) out.push_back(i);
+  for (int64_t i = b; st > 0 ? i < e : i > e;) {
+    out.push_back(i);
+    if (__builtin_add_overflow(i, st, &i)) break;  // past the end either way
+  }
   return out;
 }
 
@@ -790,6 +799,13 @@ class Parser {
   }
 
   const Token& peek(size_t ahead = 0) const { return toks_[std::min(i_ + ahead, toks_.size() - 1)]; }
+  Value number(const Token& t) const {
+    try {
+      return t.kind == Tok::Int ? make_int(std::stoll(t.text)) : make_float(std::stod(t.text));
+    } catch (const std::exception&) {
+      fail(src_, t.pos, "number literal out of range");
+    }
+  }
   const Token& next() { return toks_[i_ < toks_.size() - 1 ? i_++ : i_]; }
   bool is_op(const char* op, size_t ahead = 0) const { return peek(ahead).kind == Tok::Op && peek(ahead).text == op; }
   bool is_name(const char* name, size_t ahead = 0) const {
@@ -1163,12 +1179,7 @@ class Parser {
       case Tok::Int:
       case Tok::Float: {
         auto e = make(Expr::Kind::Literal, pos);
-        const std::string& digits = next().text;
-        try {
-          e->literal = t.kind == Tok::Int ? make_int(std::stoll(digits)) : make_float(std::stod(digits));
-        } catch (const std::exception&) {
-          fail(src_, pos, "number literal out of range");
-        }
+        e->literal = number(next());
         return e;
       }
       case Tok::Op:
@@ -1219,7 +1230,7 @@ class Parser {
           auto idx = make(Expr::Kind::Index, pos);
           idx->args.push_back(std::move(e));
           auto lit = make(Expr::Kind::Literal, peek().pos);
-          lit->literal = make_int(std::stoll(next().text));
+          lit->literal = number(next());
           idx->args.push_back(std::move(lit));
           e = std::move(idx);
           continue;
@@ -1378,6 +1389,7 @@ class Renderer {
   // leak out of it (or into the next iteration) — the reason templates need namespace().
   std::vector<std::unordered_map<std::string, Value>> scopes_;
   int64_t steps_ = 0;
+  size_t built_ = 0;
   int call_depth_ = 0;
 
   Value lookup(const std::string& name) const {
@@ -1445,9 +1457,9 @@ class Renderer {
     return Flow::Normal;
   }
 
-  // Counts loop iterations and macro calls, so no template can run for ever.
+  // Counts loop iterations, macro calls and evaluations, so no template can run for ever.
   void step(size_t pos) {
-    if (++steps_ > kMaxSteps) fail(src_, pos, "the template runs too long (over a million loop iterations)");
+    if (++steps_ > kMaxSteps) fail(src_, pos, "the template runs too long (over 500000 steps)");
   }
 
   // A macro runs in a new scope over the scopes open where it was defined: it sees the template's
@@ -1505,6 +1517,7 @@ class Renderer {
         return keys;
       }
       case Kind::String: {
+        check_items(size_t(std::count_if(v.str.begin(), v.str.end(), [](char c) { return (c & 0xC0) != 0x80; })), pos);
         std::vector<Value> chars;
         std::vector<size_t> starts = char_starts(v.str);
         for (size_t i = 0; i + 1 < starts.size(); i++)
@@ -1528,11 +1541,11 @@ class Renderer {
       items = std::move(kept);
     }
     int64_t n = static_cast<int64_t>(items.size());
+    Value loop = make_dict();  // one object, updated in place each iteration, as Jinja's LoopContext is
     for (int64_t i = 0; i < n; i++) {
       step(node.pos);
       scopes_.back().clear();
       assign(node.targets, items[i], node.pos);
-      Value loop = make_dict();
       loop.dict->set("index0", make_int(i));
       loop.dict->set("index", make_int(i + 1));
       loop.dict->set("revindex0", make_int(n - 1 - i));
@@ -1542,7 +1555,7 @@ class Renderer {
       loop.dict->set("length", make_int(n));
       loop.dict->set("previtem", i > 0 ? items[i - 1] : make_undefined("loop.previtem"));
       loop.dict->set("nextitem", i + 1 < n ? items[i + 1] : make_undefined("loop.nextitem"));
-      scopes_.back()["loop"] = std::move(loop);
+      scopes_.back()["loop"] = loop;
       if (exec(node.bodies[0], out) == Flow::Break) break;
     }
     scopes_.pop_back();
@@ -1559,7 +1572,19 @@ class Renderer {
     return args;
   }
 
+  // Each evaluation is a step, and its value is charged to kMaxBuilt by its size: a string's bytes
+  // (evaluating one copies it) and a new list's items. So neither a long loop body nor a loop that
+  // copies or grows a large value can run for hours or exhaust memory.
   Value eval(const Expr& e) {
+    step(e.pos);
+    Value v = evaluate(e);
+    if (v.kind == Kind::String) built_ += v.str.size();
+    if (v.kind == Kind::List && v.list.use_count() == 1) built_ += v.list->size() * sizeof(Value);
+    if (built_ > kMaxBuilt) fail(src_, e.pos, "the template builds more than 512 MiB of values");
+    return v;
+  }
+
+  Value evaluate(const Expr& e) {
     switch (e.kind) {
       case Expr::Kind::Literal: return e.literal;
       case Expr::Kind::Name: return lookup(e.name);
@@ -1589,6 +1614,7 @@ class Renderer {
       case Expr::Kind::Slice: return slice(e);
       case Expr::Kind::Neg: {
         Value v = eval(*e.args[0]);
+        if (v.kind == Kind::Int && v.integer == INT64_MIN) integer_overflow(e.pos);
         if (v.kind == Kind::Int) return make_int(-v.integer);
         if (v.kind == Kind::Float) return make_float(-v.number);
         if (v.kind == Kind::Undefined) undefined_error(v, e.pos);
@@ -1690,12 +1716,20 @@ class Renderer {
     fail(src_, pos, "unsupported operand types for '" + op + "': " + kind_name(a) + " and " + kind_name(b));
   }
 
-  // Strings and lists a template builds stay under kMaxSize, so doubling one in a loop cannot exhaust memory.
+  // Strings and lists a template builds stay under kMaxSize and kMaxItems, checked before they are
+  // built, so doubling one in a loop cannot exhaust memory.
   void check_size(size_t n, size_t pos) {
     if (n > kMaxSize) fail(src_, pos, "a value larger than 64 MiB");
   }
+  void check_items(size_t n, size_t pos) {
+    if (n > kMaxItems) fail(src_, pos, "a list of more than 500000 items");
+  }
+
+  // afm's integers are 64-bit where Python's are unbounded: a result outside that range is an error.
+  [[noreturn]] void integer_overflow(size_t pos) { fail(src_, pos, "integer overflow (afm's integers are 64-bit)"); }
 
   Value binary(const std::string& op, const Value& a, const Value& b, size_t pos) {
+    int64_t result;
     if (op == "~") {
       Value joined = make_string(py_str(a) + py_str(b));
       check_size(joined.str.size(), pos);
@@ -1704,31 +1738,35 @@ class Renderer {
     bool ints = a.kind == Kind::Int && b.kind == Kind::Int;
     bool nums = is_number(a) && is_number(b);
     if (op == "+") {
-      if (ints) return make_int(a.integer + b.integer);
+      if (ints && __builtin_add_overflow(a.integer, b.integer, &result)) integer_overflow(pos);
+      if (ints) return make_int(result);
       if (nums) return make_float(as_double(a) + as_double(b));
       if (a.kind == Kind::String && b.kind == Kind::String) {
         check_size(a.str.size() + b.str.size(), pos);
         return make_string(a.str + b.str);
       }
       if (a.kind == Kind::List && b.kind == Kind::List) {
-        check_size(a.list->size() + b.list->size(), pos);
+        check_items(a.list->size() + b.list->size(), pos);
         std::vector<Value> items = *a.list;
         items.insert(items.end(), b.list->begin(), b.list->end());
         return make_list(std::move(items));
       }
     } else if (op == "-") {
-      if (ints) return make_int(a.integer - b.integer);
+      if (ints && __builtin_sub_overflow(a.integer, b.integer, &result)) integer_overflow(pos);
+      if (ints) return make_int(result);
       if (nums) return make_float(as_double(a) - as_double(b));
     } else if (op == "*") {
-      if (ints) return make_int(a.integer * b.integer);
+      if (ints && __builtin_mul_overflow(a.integer, b.integer, &result)) integer_overflow(pos);
+      if (ints) return make_int(result);
       if (nums) return make_float(as_double(a) * as_double(b));
       const Value* seq = a.kind == Kind::Int ? &b : &a;
       const Value* count = a.kind == Kind::Int ? &a : &b;
-      if (count->kind == Kind::Int && (seq->kind == Kind::String || seq->kind == Kind::List))
-        check_size(static_cast<size_t>(std::clamp<double>(static_cast<double>(count->integer) *
-                                                              (seq->kind == Kind::String ? seq->str.size() : seq->list->size()),
-                                                          0, 2.0 * kMaxSize)),
-                   pos);
+      if (count->kind == Kind::Int && (seq->kind == Kind::String || seq->kind == Kind::List)) {
+        const double n = std::clamp<double>(static_cast<double>(count->integer) *
+                                                (seq->kind == Kind::String ? seq->str.size() : seq->list->size()),
+                                            0, 2.0 * kMaxSize);
+        seq->kind == Kind::String ? check_size(size_t(n), pos) : check_items(size_t(n), pos);
+      }
       if (count->kind == Kind::Int && seq->kind == Kind::String) {
         std::string out;
         for (int64_t i = 0; i < count->integer; i++) out += seq->str;
@@ -1746,6 +1784,10 @@ class Renderer {
         if (as_double(b) == 0.0) fail(src_, pos, "division by zero");
         if (op == "/") return make_float(as_double(a) / as_double(b));
         if (ints) {  // Python floors, and the remainder takes the divisor's sign
+          if (a.integer == INT64_MIN && b.integer == -1) {  // the quotient, 2^63, overflows; the remainder is 0
+            if (op == "//") integer_overflow(pos);
+            return make_int(0);
+          }
           int64_t q = a.integer / b.integer, r = a.integer % b.integer;
           if (r != 0 && ((r < 0) != (b.integer < 0))) {
             q--;
@@ -1760,9 +1802,14 @@ class Renderer {
         return make_float(r);
       }
     } else if (op == "**") {
-      if (ints && b.integer >= 0) {
-        int64_t r = 1;
-        for (int64_t i = 0; i < b.integer; i++) r *= a.integer;
+      if (ints && b.integer >= 0) {  // by squaring: as many steps as the exponent has bits
+        int64_t r = 1, base = a.integer;
+        bool overflow = false;
+        for (int64_t e = b.integer; e > 0; e >>= 1) {
+          if (e & 1) overflow |= __builtin_mul_overflow(r, base, &r);
+          if (e > 1) overflow |= __builtin_mul_overflow(base, base, &base);
+        }
+        if (overflow) integer_overflow(pos);
         return make_int(r);
       }
       if (nums) {
@@ -1858,9 +1905,12 @@ class Renderer {
       int64_t stop = n > 1 ? args.values[1].integer : args.values[0].integer;
       int64_t step = n > 2 ? args.values[2].integer : 1;
       if (step == 0) fail(src_, pos, "range() step cannot be zero");
-      check_size(static_cast<size_t>(std::clamp((static_cast<double>(stop) - start) / step, 0.0, 2.0 * kMaxSize)), pos);
+      // In 128 bits, so that no bound or step can overflow.
+      const __int128 span = step > 0 ? __int128{stop} - start : __int128{start} - stop, stride = step > 0 ? step : -__int128{step};
+      const __int128 count = span > 0 ? (span - 1) / stride + 1 : 0;
+      check_items(size_t(std::min<__int128>(count, kMaxItems + 1)), pos);
       std::vector<Value> items;
-      for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) items.push_back(make_int(i));
+      for (__int128 i = 0; i < count; i++) items.push_back(make_int(int64_t(start + i * step)));
       return make_list(std::move(items));
     }
     if (name == "strftime_now") {
@@ -1914,6 +1964,7 @@ class Renderer {
             size_t j = i;
             while (j < s.size() && !is_space(s[j])) j++;
             parts.push_back(make_string(s.substr(i, j - i)));
+            check_items(parts.size(), pos);
             i = j;
           }
         } else {
@@ -1927,6 +1978,7 @@ class Renderer {
               break;
             }
             parts.push_back(make_string(s.substr(i, j - i)));
+            check_items(parts.size(), pos);
             i = j + delim.size();
           }
         }
@@ -2118,11 +2170,16 @@ class Renderer {
           return name == "int" ? make_int(0) : make_float(0.0);
         }
       }
-      if (name == "int") return make_int(in.kind == Kind::Int ? in.integer : static_cast<int64_t>(d));
+      if (name == "int") {
+        if (in.kind == Kind::Int) return in;
+        if (!(d >= -0x1p63 && d < 0x1p63)) integer_overflow(pos);  // NaN, infinite or past 64 bits
+        return make_int(static_cast<int64_t>(d));
+      }
       return make_float(d);
     }
     if (name == "abs") {
       args.check({}, name, src_, pos);
+      if (in.kind == Kind::Int && in.integer == INT64_MIN) integer_overflow(pos);
       if (in.kind == Kind::Int) return make_int(in.integer < 0 ? -in.integer : in.integer);
       if (in.kind == Kind::Float) return make_float(std::fabs(in.number));
       fail(src_, pos, "filter 'abs' expects a number, got " + a_kind(in));
@@ -2229,7 +2286,7 @@ class Renderer {
     if (name == "odd" || name == "even" || name == "divisibleby") {
       int64_t divisor = name == "divisibleby" ? (operand().kind == Kind::Int ? operand().integer : 0) : 2;
       if (v.kind != Kind::Int || divisor == 0) fail(src_, pos, "test '" + name + "' needs integers");
-      int64_t r = v.integer % divisor;
+      int64_t r = divisor == -1 ? 0 : v.integer % divisor;  // INT64_MIN % -1 overflows
       return name == "odd" ? r != 0 : r == 0;
     }
     if (name == "eq" || name == "equalto" || name == "==") return values_equal(v, operand());

@@ -3,8 +3,8 @@
 // HF's environment: trim_blocks, lstrip_blocks, loop controls, macros, raise_exception, strftime_now
 // and dict. Anything it does not implement is an afm::Error naming the construct, never a silently
 // wrong prompt; tests/test_chat_template_diff.cpp checks it against jinja2 on real templates.
-// Rendering is bounded (nesting, macro recursion, loop iterations, value and output size), so a
-// hostile template ends in an error rather than a crash or a hang.
+// Rendering is bounded (nesting, macro recursion, steps, value, list and output size, and the bytes
+// evaluated in all), so a hostile template ends in an error rather than a crash or a hang.
 #pragma once
 #include <memory>
 #include <optional>

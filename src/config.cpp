@@ -114,7 +114,34 @@ std::vector<int32_t> parse_ids(const json& root, const char* key, const std::str
   return ids;
 }
 
+// Upper bounds far above any released model (Llama 3.1 405B: hidden 16384, intermediate 53248,
+// 126 layers, 128 heads, vocab 128256), so that a hostile config is refused before anything is
+// sized from it, and every product the engine forms from them (weights of hidden x vocab, a KV
+// cache of layers x kv heads x head_dim x positions, in bytes) stays far inside int64.
+struct Limit {
+  const char* key;
+  int64_t ModelConfig::*field;
+  int64_t max;
+};
+constexpr Limit kLimits[] = {
+    {"hidden_size", &ModelConfig::hidden_size, int64_t(1) << 20},
+    {"intermediate_size", &ModelConfig::intermediate_size, int64_t(1) << 22},
+    {"num_hidden_layers", &ModelConfig::num_layers, 4096},
+    {"num_attention_heads", &ModelConfig::num_heads, int64_t(1) << 16},
+    {"num_key_value_heads", &ModelConfig::num_kv_heads, int64_t(1) << 16},
+    {"head_dim", &ModelConfig::head_dim, int64_t(1) << 16},
+    {"vocab_size", &ModelConfig::vocab_size, int64_t(1) << 24},
+    {"max_position_embeddings", &ModelConfig::max_position_embeddings, INT32_MAX},  // positions are int32
+};
+
 }  // namespace
+
+void check_config_limits(const ModelConfig& c, const std::string& source) {
+  for (const Limit& limit : kLimits)
+    if (c.*limit.field > limit.max)
+      throw Error(source + ": " + limit.key + " " + std::to_string(c.*limit.field) + " is above afm's limit of " +
+                  std::to_string(limit.max));
+}
 
 ModelConfig parse_config(const std::string& json_text, const std::string& source) {
   json root;
@@ -137,6 +164,10 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
   c.vocab_size = required<int64_t>(root, "vocab_size", source);
   if (c.num_heads <= 0 || c.hidden_size <= 0 || c.num_layers <= 0 || c.vocab_size <= 0 || c.intermediate_size <= 0)
     throw Error(source + ": sizes must be positive");
+  const bool explicit_head_dim = root.contains("head_dim") && !root["head_dim"].is_null();
+  if (!explicit_head_dim && c.hidden_size % c.num_heads != 0)
+    throw Error(source + ": hidden_size (" + std::to_string(c.hidden_size) + ") is not a multiple of num_attention_heads (" +
+                std::to_string(c.num_heads) + "), and there is no head_dim");
   c.head_dim = optional_key<int64_t>(root, "head_dim", c.hidden_size / c.num_heads, source);
   if (c.num_kv_heads <= 0 || c.num_heads % c.num_kv_heads != 0)
     throw Error(source + ": num_attention_heads (" + std::to_string(c.num_heads) +
@@ -144,6 +175,7 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
   if (c.head_dim <= 0 || c.head_dim % 2 != 0) throw Error(source + ": head_dim must be positive and even");
   c.max_position_embeddings = optional_key<int64_t>(root, "max_position_embeddings", 2048, source);
   if (c.max_position_embeddings <= 0) throw Error(source + ": max_position_embeddings must be positive");
+  check_config_limits(c, source);
   c.rms_norm_eps = optional_key<double>(root, "rms_norm_eps", 1e-6, source);
   c.hidden_act = optional_key<std::string>(root, "hidden_act", "silu", source);
   c.tie_word_embeddings = optional_key<bool>(root, "tie_word_embeddings", false, source);

@@ -41,4 +41,8 @@ struct ModelConfig {
 ModelConfig load_config(const std::string& config_json_path);
 ModelConfig parse_config(const std::string& json_text, const std::string& source_name);
 
+// afm::Error naming `source` when a size is above the engine's limits (config.cpp says why
+// each); parse_config applies them, and so does the GGUF reader to the config it derives.
+void check_config_limits(const ModelConfig& config, const std::string& source);
+
 }  // namespace afm

@@ -139,8 +139,9 @@ GGUFValue read_value(Cursor& in, uint32_t type_id, int depth) {
 
 }  // namespace
 
-GGUFFile GGUFFile::open(const std::string& path) {
-  const MappedFile mapped = map_file(path);
+GGUFFile GGUFFile::open(const std::string& path) { return parse(map_file(path), path); }
+
+GGUFFile GGUFFile::parse(const MappedFile& mapped, const std::string& path) {
   Cursor in(mapped.data, mapped.size, path);
   if (mapped.size < 4 || std::memcmp(mapped.data, "GGUF", 4) != 0)
     throw Error(path + ": not a GGUF file (it does not start with the magic bytes \"GGUF\")");
@@ -205,9 +206,10 @@ GGUFFile GGUFFile::open(const std::string& path) {
     if (dims[0] % block.values != 0)
       in.fail("tensor " + view.name + ": its rows of " + std::to_string(dims[0]) + " values are not whole " +
               dtype_name(view.dtype) + " blocks of " + std::to_string(block.values));
-    int64_t bytes = dims[0] / block.values * block.bytes;
-    for (uint32_t d = 1; d < n_dims; d++)
-      if (__builtin_mul_overflow(bytes, dims[d], &bytes)) in.fail("tensor " + view.name + " has an impossible size");
+    int64_t bytes;
+    bool overflow = __builtin_mul_overflow(dims[0] / block.values, block.bytes, &bytes);
+    for (uint32_t d = 1; d < n_dims; d++) overflow = overflow || __builtin_mul_overflow(bytes, dims[d], &bytes);
+    if (overflow) in.fail("tensor " + view.name + " has an impossible size");
     view.nbytes = bytes;
     info.offset = in.read<uint64_t>("a tensor offset");
     if (info.offset % alignment != 0)

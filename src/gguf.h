@@ -26,6 +26,8 @@ struct GGUFValue {
 class GGUFFile {
  public:
   static GGUFFile open(const std::string& path);
+  // The same checks on bytes already in memory; `path` only names them in errors.
+  static GGUFFile parse(const MappedFile& mapped, const std::string& path);
 
   const std::string& path() const { return path_; }
   uint32_t version() const { return version_; }

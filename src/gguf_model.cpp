@@ -73,13 +73,18 @@ ModelConfig gguf_model_config(const GGUFFile& file) {
   if (c.num_kv_heads <= 0 || c.num_heads % c.num_kv_heads != 0)
     throw Error(source + ": attention.head_count (" + std::to_string(c.num_heads) +
                 ") must be a multiple of attention.head_count_kv (" + std::to_string(c.num_kv_heads) + ")");
-  c.head_dim = file.integer(k.key("attention.key_length")).value_or(c.hidden_size / c.num_heads);
+  const std::optional<int64_t> key_length = file.integer(k.key("attention.key_length"));
+  if (!key_length && c.hidden_size % c.num_heads != 0)
+    throw Error(source + ": embedding_length (" + std::to_string(c.hidden_size) + ") is not a multiple of attention.head_count (" +
+                std::to_string(c.num_heads) + "), and there is no attention.key_length");
+  c.head_dim = key_length.value_or(c.hidden_size / c.num_heads);
   if (c.head_dim <= 0 || c.head_dim % 2 != 0) throw Error(source + ": the head dimension must be positive and even");
   const int64_t tokens = int64_t(file.strings("tokenizer.ggml.tokens").size());
   c.vocab_size = file.integer(k.key("vocab_size")).value_or(tokens);
   if (c.vocab_size <= 0) throw Error(source + ": no vocab_size and no tokenizer.ggml.tokens");
   c.max_position_embeddings = file.integer(k.key("context_length")).value_or(2048);
   if (c.max_position_embeddings <= 0) throw Error(source + ": context_length must be positive");
+  check_config_limits(c, source);
   c.rms_norm_eps = file.number(k.key("attention.layer_norm_rms_epsilon")).value_or(1e-5);
   if (!std::isfinite(c.rms_norm_eps) || c.rms_norm_eps < 0) throw Error(source + ": rms epsilon must be a non-negative number");
   // llama.cpp writes the output projection only when it is not the embedding.
@@ -113,11 +118,17 @@ ModelConfig gguf_model_config(const GGUFFile& file) {
   if (!std::isfinite(rope.theta) || rope.theta <= 1.0) throw Error(source + ": rope.freq_base must be above 1");
   rope.freq_factors = rope_freq_factors(file);
 
-  if (auto bos = file.integer("tokenizer.ggml.bos_token_id")) c.bos_token_id = int32_t(*bos);
+  // Token ids are int32 in the engine, as in config.json: refused beyond, not wrapped.
+  auto token_id = [&](const char* key) -> std::optional<int32_t> {
+    const std::optional<int64_t> id = file.integer(key);
+    if (id && (*id < INT32_MIN || *id > INT32_MAX)) throw Error(source + ": " + key + " " + std::to_string(*id) + " is out of range");
+    return id ? std::optional<int32_t>(int32_t(*id)) : std::nullopt;
+  };
+  c.bos_token_id = token_id("tokenizer.ggml.bos_token_id");
   // Generation ends at eos and at the end-of-turn tokens, as in llama.cpp.
   for (const char* key : {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"})
-    if (auto id = file.integer(key); id && std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), *id) == c.eos_token_ids.end())
-      c.eos_token_ids.push_back(int32_t(*id));
+    if (auto id = token_id(key); id && std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), *id) == c.eos_token_ids.end())
+      c.eos_token_ids.push_back(*id);
   return c;
 }
 

@@ -30,22 +30,6 @@ int64_t kv_element_bytes(KVCacheType type) { return type == KVCacheType::F32 ? 4
 
 namespace {
 
-// f32 to IEEE binary16, rounded to nearest even; past the largest half (65504) it is infinity.
-uint16_t f32_to_f16(float f) {
-  const uint32_t bits = std::bit_cast<uint32_t>(f);
-  const uint16_t sign = uint16_t((bits >> 16) & 0x8000u);
-  const uint32_t mag = bits & 0x7fffffffu;
-  if (mag > 0x7f800000u) return sign | 0x7e00u;      // NaN stays NaN
-  if (mag >= 0x477ff000u) return sign | 0x7c00u;     // >= 65520 rounds to infinity
-  if (mag < 0x38800000u) {                           // below 2^-14: a subnormal half, m * 2^-24
-    const float scaled = std::bit_cast<float>(mag) * 0x1p24f;  // exact
-    return sign | uint16_t(std::nearbyint(scaled));  // ties to even; 1024 carries into the exponent
-  }
-  uint32_t h = mag - (112u << 23);  // rebias the exponent from 127 to 15
-  h += 0xfffu + ((h >> 13) & 1u);   // round the 13 dropped bits to nearest even
-  return sign | uint16_t(h >> 13);
-}
-
 void store_row(KVCacheType type, const float* src, int64_t n, int64_t stride, uint8_t* dst) {
   for (int64_t i = 0; i < n; i++) {
     uint8_t* p = dst + i * stride * kv_element_bytes(type);

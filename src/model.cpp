@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 
@@ -153,18 +154,32 @@ int64_t available_memory() {
   return 0;
 }
 
-static int64_t choose_max_seq_len(const ModelConfig& c, const ModelOptions& options) {
+// Bytes of K and V one position takes in the cache, over every layer (double: a hostile config's
+// sizes must not overflow before they are refused).
+static double kv_bytes_per_position(const ModelConfig& c, const ModelOptions& options) {
+  return double(c.num_layers) * 2 * double(c.num_kv_heads) * double(c.head_dim) *
+         double(kv_element_bytes(chosen_kv_cache_type(options)));
+}
+
+// Bytes the weights will take in memory in the chosen format (before any is loaded).
+static double resident_weight_bytes(const Checkpoint& checkpoint, WeightFormat format) {
+  double bytes = 0;
+  for (const auto& [name, view] : checkpoint.tensors())
+    if (view.dtype != DType::I64 && view.dtype != DType::I32) bytes += double(weight_bytes(view, format));
+  return bytes;
+}
+
+// `budget`: the memory the weights and the KV cache may take (0: unknown).
+static int64_t choose_max_seq_len(const ModelConfig& c, const ModelOptions& options, double budget, double weights) {
   const int64_t requested = options.max_seq_len;
   // Positions are int32 in the op set.
   if (requested < 0 || requested > INT32_MAX) throw Error("max_seq_len must be between 1 and 2^31 - 1");
   if (requested > 0) return requested;
   // Default: the config's limit, capped so a full KV cache and the RoPE cos/sin tables take at
-  // most half the free memory.
-  const int64_t bytes_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * kv_element_bytes(chosen_kv_cache_type(options)) +
-                                  c.head_dim * int64_t(sizeof(float));
-  const int64_t memory = available_memory();
+  // most half the memory the weights leave.
+  const double bytes_per_token = kv_bytes_per_position(c, options) + double(c.head_dim) * sizeof(float);
   int64_t limit = c.max_position_embeddings;
-  if (memory > 0) limit = std::min(limit, memory / 2 / bytes_per_token);
+  if (budget > 0) limit = std::min(limit, int64_t(std::max(budget - weights, 0.0) / 2 / bytes_per_token));
   return std::max<int64_t>(limit, 1);
 }
 
@@ -177,10 +192,33 @@ static const ModelFamily& find_family(const ModelConfig& config, const std::stri
   throw Error(source + ": unknown architecture \"" + config.architecture + "\" (afm supports " + known + ")");
 }
 
+static std::string memory_size(double bytes) {
+  char text[32];
+  if (bytes >= 1e9) std::snprintf(text, sizeof text, "%.2f GB", bytes / 1e9);
+  else std::snprintf(text, sizeof text, "%.1f MB", bytes / 1e6);
+  return text;
+}
+
+// Refuses, before any weight is converted, a model whose weights and one full-length KV cache
+// would not fit the memory budget, saying what to lower.
+static void check_memory_budget(const ModelConfig& c, const ModelOptions& options, double budget, double weights) {
+  if (budget <= 0) return;  // unknown: nothing to check against
+  const double kv = double(options.max_seq_len) * kv_bytes_per_position(c, options);
+  if (weights + kv <= budget) return;
+  throw Error("the model needs about " + memory_size(weights + kv) + " (weights " + memory_size(weights) + " as " +
+              format_name(options.weights) + ", KV cache " + memory_size(kv) + " for " + std::to_string(options.max_seq_len) +
+              " positions) but " + memory_size(budget) + (options.max_memory > 0 ? " is the --max-memory budget" : " is available") +
+              ": use smaller --weights (bfp8, bfp4), a lower --max-seq-len, or --kv-cache f16");
+}
+
 std::unique_ptr<Model> build_model(const ModelConfig& config, Checkpoint checkpoint, const ModelOptions& options) {
   const ModelFamily& family = find_family(config, "config");
-  ModelContext context{config, std::move(checkpoint), options, make_backend(options.device, options.num_threads)};
-  context.options.max_seq_len = choose_max_seq_len(config, options);
+  const double budget = double(options.max_memory > 0 ? options.max_memory : available_memory());
+  const double weights = resident_weight_bytes(checkpoint, options.weights);
+  ModelOptions chosen = options;
+  chosen.max_seq_len = choose_max_seq_len(config, options, budget, weights);
+  check_memory_budget(config, chosen, budget, weights);
+  ModelContext context{config, std::move(checkpoint), chosen, make_backend(options.device, options.num_threads)};
   return family.build(context);
 }
 

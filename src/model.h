@@ -26,6 +26,8 @@ struct ModelOptions {
   // numerics) or Int8 (blocks of 16 for the int8 dot kernels; weight.h). Other formats ignore it.
   MatmulInputs block_float_inputs = MatmulInputs::BF16;
   int num_threads = 0;                        // 0: all cores
+  // Bytes the weights and one full-length KV cache may take; 0: the memory available now.
+  int64_t max_memory = 0;
   std::function<void(int64_t done, int64_t total)> on_progress;  // called as weight layers load
 };
 

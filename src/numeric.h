@@ -1,5 +1,7 @@
 // Scalar conversions between the floating-point storage types that checkpoints use.
 #pragma once
+#include <bit>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -43,6 +45,22 @@ inline float f16_to_f32(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
+}
+
+// f32 to IEEE binary16, rounded to nearest even; past the largest half (65504) it is infinity.
+inline uint16_t f32_to_f16(float f) {
+  const uint32_t bits = std::bit_cast<uint32_t>(f);
+  const uint16_t sign = uint16_t((bits >> 16) & 0x8000u);
+  const uint32_t mag = bits & 0x7fffffffu;
+  if (mag > 0x7f800000u) return sign | 0x7e00u;      // NaN stays NaN
+  if (mag >= 0x477ff000u) return sign | 0x7c00u;     // >= 65520 rounds to infinity
+  if (mag < 0x38800000u) {                           // below 2^-14: a subnormal half, m * 2^-24
+    const float scaled = std::bit_cast<float>(mag) * 0x1p24f;  // exact
+    return sign | uint16_t(std::nearbyint(scaled));  // ties to even; 1024 carries into the exponent
+  }
+  uint32_t h = mag - (112u << 23);  // rebias the exponent from 127 to 15
+  h += 0xfffu + ((h >> 13) & 1u);   // round the 13 dropped bits to nearest even
+  return sign | uint16_t(h >> 13);
 }
 
 // splitmix64's output function: a counter hashed to 64 well-mixed bits. Random weights use

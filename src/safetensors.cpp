@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -24,6 +25,21 @@ static DType parse_dtype(const std::string& name, const std::string& where) {
   for (DType d : {DType::F32, DType::F16, DType::BF16, DType::I64, DType::I32, DType::BFP8, DType::BFP4})
     if (name == dtype_name(d)) return d;
   throw Error(where + ": unsupported dtype " + name + " (supported: F32, F16, BF16, I64, I32, and afm convert's AFM_BFP8, AFM_BFP4)");
+}
+
+// A JSON array of integers. nlohmann's get<std::vector<int64_t>> would also take floats and
+// convert them, which is undefined behaviour beyond the integer's range (a shape of [1e21]).
+template <typename T>
+static std::vector<T> integer_array(const json& value, const std::string& where, const char* key) {
+  if (!value.is_array()) throw Error(where + ": " + key + " is not an array");
+  std::vector<T> out;
+  for (const json& element : value) {
+    if (!element.is_number_integer())
+      throw Error(where + ": " + key + " holds " + (element.is_primitive() ? element.dump() : element.type_name()) +
+                  ", not an integer");
+    out.push_back(element.get<T>());
+  }
+  return out;
 }
 
 int64_t TensorView::numel() const {
@@ -90,8 +106,9 @@ MappedFile map_file(const std::string& path) {
   return {static_cast<const uint8_t*>(mapping->base), uint64_t(mapping->size), mapping};
 }
 
-SafetensorsFile SafetensorsFile::open(const std::string& path) {
-  const MappedFile mapped = map_file(path);
+SafetensorsFile SafetensorsFile::open(const std::string& path) { return parse(map_file(path), path); }
+
+SafetensorsFile SafetensorsFile::parse(const MappedFile& mapped, const std::string& path) {
   const uint8_t* bytes = mapped.data;
   const uint64_t file_size = mapped.size;
   if (file_size < 8) throw Error(path + ": truncated safetensors file (" + std::to_string(file_size) + " bytes, no header)");
@@ -113,6 +130,12 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   file.path_ = path;
   const uint64_t data_start = 8 + header_size;
   const uint64_t data_size = file_size - data_start;
+  struct Range {
+    uint64_t begin, end;
+    std::string name;
+    bool operator<(const Range& other) const { return begin < other.begin; }
+  };
+  std::vector<Range> ranges;
   for (const auto& [name, info] : header.items()) {
     if (name == "__metadata__") continue;
     const std::string where = path + ": tensor " + name;
@@ -120,15 +143,18 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
       TensorView view;
       view.name = name;
       view.dtype = parse_dtype(info.at("dtype").get<std::string>(), where);
-      view.shape = info.at("shape").get<std::vector<int64_t>>();
-      auto offsets = info.at("data_offsets").get<std::vector<uint64_t>>();
+      view.shape = integer_array<int64_t>(info.at("shape"), where, "shape");
+      const auto offsets = integer_array<uint64_t>(info.at("data_offsets"), where, "data_offsets");
       if (offsets.size() != 2 || offsets[0] > offsets[1]) throw Error(where + ": bad data_offsets");
       if (offsets[1] > data_size)
         throw Error(where + " ends at byte " + std::to_string(offsets[1]) + " but the file has only " +
                     std::to_string(data_size) + " data bytes: truncated file");
-      // The rows times the row size must equal the byte range, without overflowing.
+      // The rows times the row size must equal the byte range, without overflowing; so must the
+      // element count, which a zero dimension does not bound ([2^48, 2^48, 0] holds 0 bytes).
+      int64_t elements = 1;
       for (int64_t d : view.shape)
-        if (d < 0 || d > (int64_t(1) << 48)) throw Error(where + ": impossible shape " + view.describe());
+        if (d < 0 || d > (int64_t(1) << 48) || __builtin_mul_overflow(elements, d, &elements))
+          throw Error(where + ": impossible shape " + view.describe());
       int64_t expected_bytes = dtype_row_bytes(view.dtype, view.shape.empty() ? 1 : view.shape.back());
       for (size_t i = 0; i + 1 < view.shape.size(); i++)
         if (__builtin_mul_overflow(expected_bytes, view.shape[i], &expected_bytes))
@@ -139,11 +165,18 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
       view.data = bytes + data_start + offsets[0];
       view.owner = mapped.owner;
       view.file_mapped = true;
+      if (view.nbytes) ranges.push_back({offsets[0], offsets[1], name});
       file.tensors_.emplace(name, std::move(view));
     } catch (const json::exception& e) {
       throw Error(where + ": malformed entry: " + e.what());
     }
   }
+  // The format forbids it (each byte belongs to one tensor), and two views of one range would
+  // alias tensors the model treats as independent.
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); i++)
+    if (ranges[i].begin < ranges[i - 1].end)
+      throw Error(path + ": tensors " + ranges[i - 1].name + " and " + ranges[i].name + " overlap in the data");
   return file;
 }
 
@@ -175,6 +208,9 @@ Checkpoint Checkpoint::open(const std::string& dir) {
     std::set<std::string> unique;
     for (const auto& [name, shard] : expected_shard) unique.insert(shard);
     for (const auto& shard : unique) {
+      // HF writes shards beside the index; a path elsewhere would read files outside the model.
+      if (shard.empty() || shard == "." || shard == ".." || shard.find('/') != std::string::npos)
+        throw Error(index.string() + " lists shard \"" + shard + "\", which is not a file name in " + dir);
       if (!fs::exists(fs::path(dir) / shard))
         throw Error(index.string() + " lists shard " + shard + ", which is missing from " + dir);
       shards.push_back(shard);

@@ -39,6 +39,8 @@ struct TensorView {
 class SafetensorsFile {
  public:
   static SafetensorsFile open(const std::string& path);
+  // The same checks on bytes already in memory; `path` only names them in errors.
+  static SafetensorsFile parse(const MappedFile& mapped, const std::string& path);
 
   const std::string& path() const { return path_; }
   const std::map<std::string, TensorView>& tensors() const { return tensors_; }

@@ -413,6 +413,15 @@ bool is_word_char(uint32_t cp) {
 // ---------------------------------------------------------------------------------------------
 // tokenizer.json reader
 
+// Bounds on a tokenizer.json, so a hostile one is refused before it costs much memory. Real files
+// stay far below them: Gemma 3's, among the largest, is 33 MB with 262k tokens and 6k added tokens;
+// Llama 3 has 280k merges; the settings nest 6 levels deep.
+constexpr size_t kMaxJsonBytes = size_t{128} << 20;  // the whole file
+constexpr int64_t kMaxTokenId = (1 << 21) - 1;       // 2M tokens: the vocabulary is a table by id
+constexpr size_t kMaxMerges = size_t{1} << 22;       // 4M merges
+constexpr size_t kMaxDomValues = size_t{1} << 20;    // JSON values outside vocab and merges (~100 bytes each)
+constexpr size_t kMaxDepth = 64;                     // JSON nesting (the settings are read recursively)
+
 // Builds a DOM for everything except model.vocab and model.merges, which it streams straight
 // into flat arrays: Llama-3 has 128k vocab entries and 280k merges, and a DOM for them (hundreds
 // of thousands of small allocations) would take most of the load time.
@@ -449,6 +458,7 @@ class TokenizerJsonReader final : public nlohmann::json_sax<json> {
     // The older merge spelling, "a b".
     size_t space = s.find(' ');
     if (space == std::string::npos) return fail("model.merges entry '" + s + "' is not \"a b\"");
+    if (merges.size() >= kMaxMerges) return too_many_merges();
     merges.push_back({uint32_t(merge_text.size()), uint32_t(space), uint32_t(s.size() - space - 1)});
     merge_text.append(s, 0, space);
     merge_text.append(s, space + 1);
@@ -489,6 +499,7 @@ class TokenizerJsonReader final : public nlohmann::json_sax<json> {
       stack_.pop_back();
     } else if (in_pair_) {
       if (pair_strings_ != 2) return fail("a model.merges pair does not hold two strings");
+      if (merges.size() >= kMaxMerges) return too_many_merges();
       merges.push_back({pair_offset_, pair_a_len_, uint32_t(merge_text.size() - pair_offset_ - pair_a_len_)});
       in_pair_ = false;
     } else {
@@ -508,18 +519,22 @@ class TokenizerJsonReader final : public nlohmann::json_sax<json> {
     error = std::move(message);
     return false;
   }
+  bool too_many_merges() { return fail("model.merges has more than " + std::to_string(kMaxMerges) + " entries"); }
 
   bool is_model_field(const char* name) const {
     return stack_.size() == 2 && stack_[1] == model_ && key_ == name;
   }
 
   bool vocab_entry(int64_t id) {
-    if (id < 0 || id > INT32_MAX) return fail("model.vocab id of '" + key_ + "' is out of range");
+    if (id < 0 || id > kMaxTokenId)
+      return fail("model.vocab id of '" + key_ + "' is out of range (at most " + std::to_string(kMaxTokenId) + ")");
+    if (vocab.size() > size_t(kMaxTokenId)) return fail("model.vocab has more than " + std::to_string(kMaxTokenId + 1) + " entries");
     vocab.emplace_back(std::move(key_), int32_t(id));
     return true;
   }
 
   json& insert(json&& v) {
+    dom_values_++;
     if (stack_.empty()) return root = std::move(v);
     json& parent = *stack_.back();
     if (parent.is_array()) {
@@ -531,12 +546,15 @@ class TokenizerJsonReader final : public nlohmann::json_sax<json> {
 
   bool add(json&& v) {
     if (mode_ != Mode::Dom) return fail("unexpected value inside model.vocab or model.merges");
+    if (dom_values_ >= kMaxDomValues) return too_many_values();
     insert(std::move(v));
     return true;
   }
 
   bool open(json&& v) {
     if (mode_ != Mode::Dom) return fail("unexpected nesting inside model.vocab or model.merges");
+    if (dom_values_ >= kMaxDomValues) return too_many_values();
+    if (stack_.size() >= kMaxDepth) return fail("JSON nested deeper than " + std::to_string(kMaxDepth) + " levels");
     bool is_model = stack_.size() == 1 && key_ == "model" && v.is_object();
     json& j = insert(std::move(v));
     if (is_model) model_ = &j;
@@ -544,7 +562,12 @@ class TokenizerJsonReader final : public nlohmann::json_sax<json> {
     return true;
   }
 
+  bool too_many_values() {
+    return fail("more than " + std::to_string(kMaxDomValues) + " JSON values outside model.vocab and model.merges");
+  }
+
   Mode mode_ = Mode::Dom;
+  size_t dom_values_ = 0;
   std::vector<json*> stack_;
   const json* model_ = nullptr;
   std::string key_;
@@ -800,10 +823,11 @@ void Tokenizer::Impl::load_added_tokens(const json& root) {
   auto it = root.find("added_tokens");
   if (it == root.end() || it->is_null()) return;
   for (const json& t : *it) {
-    AddedToken token{t.at("content").get<std::string>(), t.at("id").get<int32_t>(),
-                     get_flag(t, "special", false), get_flag(t, "single_word", false),
-                     get_flag(t, "lstrip", false), get_flag(t, "rstrip", false)};
-    if (token.content.empty() || token.id < 0) fail("added token with empty content or negative id");
+    const int64_t id = t.at("id").get<int64_t>();
+    if (id < 0 || id > kMaxTokenId) fail("added token id " + std::to_string(id) + " is out of range");
+    AddedToken token{t.at("content").get<std::string>(), int32_t(id), get_flag(t, "special", false),
+                     get_flag(t, "single_word", false), get_flag(t, "lstrip", false), get_flag(t, "rstrip", false)};
+    if (token.content.empty()) fail("added token with empty content");
     int32_t index = int32_t(added.size());
     added_index[token.content] = index;
     // HF matches `normalized` tokens on the normalized text; without a normalizer that is the
@@ -880,19 +904,33 @@ void Tokenizer::Impl::add_post_processor(const json& pp) {
   template_suffix.insert(template_suffix.end(), suffix.begin(), suffix.end());
 }
 
+namespace {
+std::string too_large(const std::string& origin) {
+  return origin + ": the tokenizer JSON is larger than " + std::to_string(kMaxJsonBytes >> 20) + " MiB";
+}
+}  // namespace
+
 Tokenizer Tokenizer::load(const std::string& path) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) throw Error("cannot open tokenizer file '" + path + "': " + std::strerror(errno));
+  // Refused before reading where the size is known; otherwise (a pipe) once it has read too much.
+  std::error_code size_error;
+  if (auto bytes = std::filesystem::file_size(path, size_error); !size_error && bytes > kMaxJsonBytes) {
+    std::fclose(f);
+    throw Error(too_large(path));
+  }
   std::string text;
   char buffer[1 << 16];
-  for (size_t n; (n = std::fread(buffer, 1, sizeof(buffer), f)) > 0;) text.append(buffer, n);
+  for (size_t n; text.size() <= kMaxJsonBytes && (n = std::fread(buffer, 1, sizeof(buffer), f)) > 0;) text.append(buffer, n);
   bool failed = std::ferror(f);
   std::fclose(f);
   if (failed) throw Error("cannot read tokenizer file '" + path + "'");
+  if (text.size() > kMaxJsonBytes) throw Error(too_large(path));
   return from_json(text, path);
 }
 
 Tokenizer Tokenizer::from_json(std::string_view json_text, const std::string& origin) {
+  if (json_text.size() > kMaxJsonBytes) throw Error(too_large(origin));
   TokenizerJsonReader reader;
   if (!json::sax_parse(json_text, &reader) || !reader.root.is_object())
     throw Error(origin + ": malformed tokenizer JSON: " +

@@ -64,16 +64,29 @@ void dequantize_row(const Weight& w, int64_t row, float* dst) {
   }
 }
 
+// The file's own format when `target` can use it as it is (f32 compute needs no conversion: bf16
+// and f16 widen to f32 exactly inside the kernels); nullopt when make_weight converts.
+static std::optional<WeightFormat> mapped_format(const TensorView& view, WeightFormat target) {
+  const std::optional<WeightFormat> source = stored_format(view);
+  if (source && (target == WeightFormat::F32 || target == *source)) return source;
+  return std::nullopt;
+}
+
+int64_t weight_bytes(const TensorView& view, WeightFormat target) {
+  if (view.shape.empty() || view.shape.size() > 2) return view.nbytes;
+  const int64_t rows = view.shape.size() == 2 ? view.shape[0] : 1;
+  return rows * row_bytes(mapped_format(view, target).value_or(target), view.shape.back());
+}
+
 Weight make_weight(const TensorView& view, WeightFormat target) {
   if (view.shape.empty() || view.shape.size() > 2) throw Error(view.describe() + ": expected a vector or a matrix");
   Weight w;
   w.rows = view.shape.size() == 2 ? view.shape[0] : 1;
   w.cols = view.shape.back();
-  const std::optional<WeightFormat> source = stored_format(view);
+  const std::optional<WeightFormat> source = mapped_format(view, target);
   w.inputs = target == WeightFormat::F32 ? MatmulInputs::F32 : MatmulInputs::BF16;
 
-  // f32 compute needs no conversion: bf16 and f16 widen to f32 exactly inside the kernels.
-  if (source && (target == WeightFormat::F32 || target == *source)) {
+  if (source) {
     w.format = *source;
     w.row_bytes = row_bytes(*source, w.cols);
     w.data = view.data;

@@ -41,6 +41,10 @@ struct Weight {
 // Other targets convert at load. Every target but F32 reads its inputs as bf16.
 Weight make_weight(const TensorView& view, WeightFormat target);
 
+// The bytes make_weight(view, target) holds: the file's own bytes where it maps them, else the
+// converted rows. What a memory budget counts before loading.
+int64_t weight_bytes(const TensorView& view, WeightFormat target);
+
 // Row `row` of w as f32 values (embedding lookups, norm weights, tests).
 void dequantize_row(const Weight& w, int64_t row, float* dst);
 

@@ -457,5 +457,45 @@ TEST(ChatTemplateErrors, HostileTemplatesAreBounded) {
                 .find("larger than 64 MiB"),
             std::string::npos);
   EXPECT_NE(error_of("{{ 'x' * 100000000000 }}").find("larger than 64 MiB"), std::string::npos);
-  EXPECT_NE(error_of("{{ range(10000000000)|length }}").find("larger than 64 MiB"), std::string::npos);
+  EXPECT_NE(error_of("{{ range(10000000000)|length }}").find("a list of more than 500000 items"), std::string::npos);
+}
+
+TEST(ChatTemplateErrors, EndlessTemplatesStopInBoundedTimeAndMemory) {
+  // Each would run for ever or take gigabytes; each stops within a second.
+  EXPECT_NE(error_of("{% for i in range(10**9) %}{% for j in range(10**9) %}x{% endfor %}{% endfor %}").find("a list of more than 500000"),
+            std::string::npos);
+  EXPECT_NE(error_of("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}").find("runs too long"),
+            std::string::npos);
+  // A loop body of many expressions is as much work as many iterations.
+  EXPECT_NE(error_of("{% for i in range(100000) %}x{{ i }}{{ i }}{{ i }}{{ i }}{{ i }}{% endfor %}")
+                .find("runs too long"),
+            std::string::npos);
+  EXPECT_NE(error_of("{% macro f(n) %}{{ f(n) }}{{ f(n) }}{% endmacro %}{{ f(1) }}").find("recurses too deeply"), std::string::npos);
+  EXPECT_NE(error_of("{% macro f(n) %}{% if n %}{% for i in range(100) %}{{ f(n - 1) }}{% endfor %}{% endif %}{% endmacro %}{{ f(5) }}")
+                .find("runs too long"),
+            std::string::npos);
+  // Copying a 60 MB string over and over: too much work long before the loop's end.
+  EXPECT_NE(error_of("{% set s = 'x' * 60000000 %}{% for i in range(400000) %}{% set t = s ~ 'y' %}{% endfor %}")
+                .find("builds more than 512 MiB"),
+            std::string::npos);
+  // A list of each character of a 60 MB string would take gigabytes.
+  EXPECT_NE(error_of("{{ ('x' * 60000000)|list|length }}").find("a list of more than 500000 items"), std::string::npos);
+  EXPECT_NE(error_of("{{ ('x ' * 600000).split()|length }}").find("a list of more than 500000 items"), std::string::npos);
+  EXPECT_NE(error_of("{{ [0] * 600000 }}").find("a list of more than 500000 items"), std::string::npos);
+}
+
+TEST(ChatTemplateErrors, IntegerOverflowIsAnError) {
+  // Python's integers are unbounded, afm's are 64-bit: leaving that range is an error, never a wrapped value.
+  for (const char* source : {"{{ 9223372036854775807 + 1 }}", "{{ -9223372036854775807 - 2 }}", "{{ 3037000500 * 3037000500 }}",
+                             "{{ 2 ** 63 }}", "{{ 3 ** 9999999999999 }}", "{{ -(-9223372036854775807 - 1) }}",
+                             "{{ (-9223372036854775807 - 1)|abs }}", "{{ (-9223372036854775807 - 1) // -1 }}", "{{ (10.0 ** 300)|int }}",
+                             "{{ (10.0 ** 400)|int }}"})
+    EXPECT_NE(error_of(source).find("integer overflow"), std::string::npos) << source;
+  EXPECT_EQ(render("{{ 2 ** 62 }} {{ (-2) ** 63 }} {{ (-9223372036854775807 - 1) % -1 }} {{ (-9223372036854775807 - 1) is divisibleby(-1) }}"),
+            "4611686018427387904 -9223372036854775808 0 True");
+  EXPECT_NE(error_of("{{ [1].99999999999999999999 }}").find("number literal out of range"), std::string::npos);
+  EXPECT_EQ(render("{{ range(9223372036854775806, 9223372036854775807, 5)|list }} {{ [1, 2, 3][1::9223372036854775807] }}"),
+            "[9223372036854775806] [2]");
+  EXPECT_EQ(render("{{ range(-9223372036854775807 - 1, 9223372036854775807, 9223372036854775807)|list }} {{ range(5, 0, -2)|list }}"),
+            "[-9223372036854775808, -1, 9223372036854775806] [5, 3, 1]");
 }

@@ -112,6 +112,18 @@ TEST(Cli, EvalRefusesAReferenceThatDoesNotFitTheModel) {
   EXPECT_THAT(run.out, HasSubstr("needs 218 positions but the model was built with max_seq_len 64"));
 }
 
+TEST(Cli, AModelOverTheMemoryBudgetIsRefusedSayingWhatToLower) {
+  // afm-tiny-austen: 6.2M parameters, 25 MB of f32 weights.
+  Result run = afm("generate --weights f32 --max-memory 4M -n 2 -p Hello", true);
+  EXPECT_EQ(run.status, 1);
+  EXPECT_THAT(run.out, HasSubstr("as f32"));
+  EXPECT_THAT(run.out, HasSubstr("is the --max-memory budget: use smaller --weights"));
+  EXPECT_EQ(afm("generate --weights f32 --max-memory 1G -n 2 -p Hello", true).status, 0);
+  Result bad = afm("generate --max-memory lots -p Hello", true);
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_THAT(bad.out, HasSubstr("expected a size such as 8G"));
+}
+
 TEST(Cli, ChatAnswersEachTurnAndResets) {
   Result run = afm("chat -n 6 --seed 5", true, "Good morning\nAnd to you?\n/reset\nHello\n");
   EXPECT_EQ(run.status, 0);

@@ -21,6 +21,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 const std::string kFixtures = std::string(AFM_SOURCE_DIR) + "/tests/fixtures";
 
@@ -240,6 +241,14 @@ TEST(GgufHostile, CountsLargerThanTheFileAreRefusedBeforeAllocating) {
   expect_refused(g.bytes, "metadata entries");
 }
 
+// Found by fuzz/fuzz_gguf: 2^61 F32 values make a row of 2^63 bytes, which overflowed before
+// the product of the other dimensions was checked.
+TEST(GgufHostile, ARowTooLongForInt64IsRefused) {
+  TinyGguf g;
+  g.patch_u64(g.tensor_type_at - 8, uint64_t(1) << 61);  // the tensor's only dimension
+  expect_refused(g.bytes, "impossible size");
+}
+
 TEST(GgufHostile, AStringLongerThanTheFile) {
   TinyGguf g;
   g.patch_u64(g.arch_length_at, 1ull << 40);
@@ -260,6 +269,44 @@ TEST(GgufHostile, UnknownTensorTypeAndBadOffsets) {
   expect_refused(g.bytes, "not aligned");
   g.patch_u64(g.tensor_offset_at, 1ull << 62);
   expect_refused(g.bytes, "past the end of the file");
+}
+
+// A llama GGUF of u64 metadata values only, for the checks of the config derived from it.
+std::string metadata_gguf(const std::vector<std::pair<std::string, uint64_t>>& keys) {
+  TinyGguf g;
+  g.bytes = "GGUF";
+  g.u32(3), g.u64(0), g.u64(keys.size() + 1);
+  g.str("general.architecture"), g.u32(8), g.str("llama");
+  for (const auto& [key, value] : keys) g.str(key), g.u32(10), g.u64(value);
+  return g.bytes;
+}
+
+std::string config_error(const std::vector<std::pair<std::string, uint64_t>>& keys) {
+  const std::string path = write_bytes("config.gguf", metadata_gguf(keys));
+  try {
+    afm::gguf_model_config(afm::GGUFFile::open(path));
+  } catch (const afm::Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+TEST(GgufHostile, ConfigSizesAboveTheLimitsAreRefused) {
+  std::vector<std::pair<std::string, uint64_t>> keys = {
+      {"llama.embedding_length", 64}, {"llama.feed_forward_length", 128}, {"llama.block_count", 2},
+      {"llama.attention.head_count", 4}, {"llama.vocab_size", 100}};
+  EXPECT_EQ(config_error(keys), "(no error)");
+  keys[2].second = 1000000000;
+  EXPECT_THAT(config_error(keys), AllOf(HasSubstr("num_hidden_layers"), HasSubstr("1000000000"), HasSubstr("limit of 4096")));
+  keys[2].second = 2;
+  keys[4].second = uint64_t(1) << 40;
+  EXPECT_THAT(config_error(keys), AllOf(HasSubstr("vocab_size"), HasSubstr("limit")));
+  keys[4].second = 100;
+  keys[3].second = 5;  // 64 is no multiple of 5, and there is no attention.key_length
+  EXPECT_THAT(config_error(keys), AllOf(HasSubstr("embedding_length (64)"), HasSubstr("head_count (5)")));
+  keys[3].second = 4;
+  keys.emplace_back("tokenizer.ggml.bos_token_id", uint64_t(1) << 32);  // an int32 in the engine
+  EXPECT_THAT(config_error(keys), AllOf(HasSubstr("bos_token_id"), HasSubstr("out of range")));
 }
 
 TEST(GgufHostile, UnsupportedArchitectureAndTokenizer) {

@@ -503,6 +503,34 @@ TEST(Config, NonPositiveMaxPositionEmbeddingsIsAnAfmError) {
   EXPECT_THAT(config_error(config), HasSubstr("max_position_embeddings"));
 }
 
+// A hostile config is refused by its size alone, naming the key and the limit, before anything is
+// sized from it.
+TEST(Config, SizesAboveTheLimitsAreAfmErrors) {
+  const std::pair<const char*, int64_t> cases[] = {
+      {"num_hidden_layers", 1000000000}, {"hidden_size", int64_t(1) << 40}, {"vocab_size", int64_t(1) << 32},
+      {"intermediate_size", int64_t(1) << 40}, {"max_position_embeddings", int64_t(1) << 40}};
+  for (const auto& [key, value] : cases) {
+    json config = read_json(kTinyLlama / "config.json");
+    config[key] = value;
+    if (std::string(key) == "hidden_size") config["num_attention_heads"] = config["num_key_value_heads"] = 1;
+    EXPECT_THAT(config_error(config), AllOf(HasSubstr(key), HasSubstr(std::to_string(value)), HasSubstr("limit")));
+  }
+  json config = read_json(kTinyLlama / "config.json");
+  config["num_hidden_layers"] = 4096;  // the limit itself is accepted
+  EXPECT_EQ(afm::parse_config(config.dump(), "x").num_layers, 4096);
+}
+
+// Without head_dim the head size is hidden_size / heads, which must then divide exactly; with
+// head_dim (as Qwen3 and Gemma have) heads x head_dim need not be hidden_size.
+TEST(Config, HiddenSizeNotAMultipleOfHeadsNeedsAHeadDim) {
+  json config = read_json(kTinyLlama / "config.json");  // hidden 96, head_dim 16
+  config["num_attention_heads"] = config["num_key_value_heads"] = 7;
+  EXPECT_EQ(afm::parse_config(config.dump(), "x").head_dim, 16);
+  config.erase("head_dim");
+  EXPECT_THAT(config_error(config), AllOf(HasSubstr("hidden_size (96)"), HasSubstr("num_attention_heads (7)"),
+                                          HasSubstr("head_dim")));
+}
+
 // =============================================================================================
 // Broken safetensors files
 
@@ -624,6 +652,51 @@ TEST_F(Loader, HugeShapeDoesNotWrapAroundTheSizeCheck) {
   EXPECT_THAT(open_error(file), AllOf(HasSubstr("huge.safetensors"), HasSubstr("y")));
 }
 
+// Found by fuzz/fuzz_safetensors: a zero dimension makes the byte count 0, so only the element
+// count (2^96 here) overflows, and numel() wrapped.
+TEST_F(Loader, ZeroDimensionDoesNotHideAnOverflowingElementCount) {
+  const fs::path file = scratch() / "zero.safetensors";
+  const json header = {{"z", {{"dtype", "F32"}, {"shape", json::array({int64_t(1) << 48, int64_t(1) << 48, 0})},
+                              {"data_offsets", json::array({0, 0})}}}};
+  write_bytes(file, encode_safetensors(header.dump(), ""));
+  EXPECT_THAT(open_error(file), AllOf(HasSubstr("zero.safetensors"), HasSubstr("impossible shape")));
+}
+
+// Found by fuzz/fuzz_safetensors: a float in the shape (or the offsets) was converted to an
+// integer, which is undefined behaviour out of range; any non-integer is malformed.
+TEST_F(Loader, NonIntegerShapeOrOffsetsAreRefused) {
+  const fs::path file = scratch() / "float.safetensors";
+  for (const json& shape : {json::array({-1.2e21, 8}), json::array({2.0})}) {
+    const json header = {{"x", {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", json::array({0, 8})}}}};
+    write_bytes(file, encode_safetensors(header.dump(), std::string(8, '\0')));
+    EXPECT_THAT(open_error(file), AllOf(HasSubstr("float.safetensors"), HasSubstr("shape"), HasSubstr("not an integer")));
+  }
+  const json header = {{"x", {{"dtype", "F32"}, {"shape", json::array({2})}, {"data_offsets", json::array({0, 8e20})}}}};
+  write_bytes(file, encode_safetensors(header.dump(), std::string(8, '\0')));
+  EXPECT_THAT(open_error(file), AllOf(HasSubstr("data_offsets"), HasSubstr("not an integer")));
+}
+
+// A header claiming 1 TB of tensors in a small file is refused from the header alone.
+TEST_F(Loader, HeaderClaimingATerabyteIsRefused) {
+  const fs::path file = scratch() / "terabyte.safetensors";
+  const json header = {{"t", {{"dtype", "F32"}, {"shape", json::array({262144, 1048576})},
+                              {"data_offsets", json::array({0, int64_t(1) << 40})}}}};
+  write_bytes(file, encode_safetensors(header.dump(), std::string(16, '\0')));
+  EXPECT_THAT(open_error(file), AllOf(HasSubstr("1099511627776"), HasSubstr("16 data bytes"), HasSubstr("truncated")));
+}
+
+TEST_F(Loader, OverlappingTensorsAreRefused) {
+  const fs::path file = scratch() / "overlap.safetensors";
+  json header = {{"a", {{"dtype", "F32"}, {"shape", json::array({2})}, {"data_offsets", json::array({0, 8})}}},
+                 {"b", {{"dtype", "F32"}, {"shape", json::array({2})}, {"data_offsets", json::array({4, 12})}}}};
+  write_bytes(file, encode_safetensors(header.dump(), std::string(12, '\0')));
+  EXPECT_THAT(open_error(file), AllOf(HasSubstr("overlap.safetensors"), HasSubstr("a and b overlap")));
+  header["b"]["data_offsets"] = json::array({8, 16});  // adjacent is fine, and so is an empty tensor anywhere
+  header["e"] = {{"dtype", "F32"}, {"shape", json::array({0})}, {"data_offsets", json::array({4, 4})}};
+  write_bytes(file, encode_safetensors(header.dump(), std::string(16, '\0')));
+  EXPECT_EQ(afm::SafetensorsFile::open(file.string()).tensors().size(), 3u);
+}
+
 // =============================================================================================
 // Tensors that do not fit the config
 
@@ -723,6 +796,17 @@ TEST_F(Loader, MalformedIndex) {
   EXPECT_THAT(load_error(dir), AllOf(HasSubstr("model.safetensors.index.json"), HasSubstr("malformed")));
   write_bytes(dir / "model.safetensors.index.json", "{\"metadata\": {}}");
   EXPECT_THAT(load_error(dir), AllOf(HasSubstr("model.safetensors.index.json"), HasSubstr("weight_map")));
+}
+
+// Shards live beside the index: a path out of the folder is refused, not read.
+TEST_F(Loader, IndexNamingAShardOutsideTheFolder) {
+  const fs::path dir = arcee();
+  for (const std::string& shard : std::vector<std::string>{"../tiny-arcee/" + std::string(kShard1), "/etc/passwd", ".."}) {
+    json index = read_json(dir / "model.safetensors.index.json");
+    index["weight_map"]["lm_head.weight"] = shard;
+    write_json(dir / "model.safetensors.index.json", index);
+    EXPECT_THAT(load_error(dir), AllOf(HasSubstr(shard), HasSubstr("not a file name")));
+  }
 }
 
 TEST_F(Loader, TruncatedShard) {

@@ -122,6 +122,23 @@ TEST(Eval, NonFiniteOutputIsTheWorstErrorNotZero) {
   EXPECT_TRUE(std::isinf(afm::max_row_relative_error(inf_row, ref, 1, 3)));
 }
 
+TEST(Model, TheMemoryBudgetCountsWeightsInTheirFormatAndTheKVCache) {
+  // afm-tiny-austen: 6.2M bf16 parameters, which f32 compute maps as they are (12.5 MB) and bfp8
+  // stores in 6.6 MB; its KV cache for 256 positions is far smaller.
+  afm::ModelOptions options;
+  options.max_seq_len = 256;
+  options.max_memory = 10'000'000;
+  options.weights = afm::WeightFormat::F32;
+  try {
+    afm::build_model(kFixtures[2].model, options);
+    ADD_FAILURE() << "f32 weights fit a 10 MB budget";
+  } catch (const afm::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("(weights 12.5 MB as f32"), std::string::npos) << e.what();
+  }
+  options.weights = afm::WeightFormat::BFP8;
+  EXPECT_EQ(afm::build_model(kFixtures[2].model, options)->max_seq_len(), 256);
+}
+
 TEST(Model, DefaultMaxSeqLenIsTheConfigLimitWhenMemoryAllows) {
   auto model = afm::build_model(kFixtures[1].model);  // tiny-llama: max_position_embeddings 8192
   EXPECT_EQ(model->max_seq_len(), 8192);

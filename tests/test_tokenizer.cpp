@@ -234,6 +234,39 @@ TEST(TokenizerErrors, UnsupportedFeaturesAreNamed) {
   EXPECT_NE(error_for({{"model", {{"vocab", "oops"}}}}).find("t.json:"), std::string::npos);
 }
 
+TEST(TokenizerErrors, HostileFilesAreRefusedBeforeTheyCostMemory) {
+  // A 1 GB file (sparse: it takes no disk) is refused by its size, before any of it is read.
+  std::string path = testing::TempDir() + "afm_huge_tokenizer.json";
+  std::ofstream(path) << "{";
+  std::filesystem::resize_file(path, size_t{1} << 30);
+  std::string message = error_of([&] { afm::Tokenizer::load(path); });
+  EXPECT_NE(message.find(path + ": the tokenizer JSON is larger than 128 MiB"), std::string::npos) << message;
+  std::filesystem::remove(path);
+
+  // Ids index tables, so a huge one would allocate gigabytes (and INT32_MAX + 1 overflowed).
+  auto error_for = [](const json& patch) {
+    return error_of([&] { afm::Tokenizer::from_json(tokenizer_json(patch), "t.json"); });
+  };
+  for (int64_t id : {int64_t{2097152}, int64_t{INT32_MAX}})
+    EXPECT_NE(error_for({{"model", {{"vocab", {{"a", 0}, {"b", 1}, {"ab", id}}}}}}).find("model.vocab id of 'ab' is out of range"),
+              std::string::npos);
+  json added = {{"id", INT32_MAX}, {"content", "<x>"}};
+  EXPECT_NE(error_for({{"added_tokens", {added}}}).find("added token id 2147483647 is out of range"), std::string::npos);
+
+  // Counts: more merges than any real tokenizer, a huge DOM outside vocab and merges, deep nesting.
+  std::string merges = R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [)";
+  for (int i = 0; i <= (1 << 22); i++) merges += i ? R"(,"a b")" : R"("a b")";
+  EXPECT_NE(error_of([&] { afm::Tokenizer::from_json(merges + "]}}", "t.json"); }).find("model.merges has more than 4194304 entries"),
+            std::string::npos);
+  std::string values = R"({"padding": [0)";
+  for (int i = 0; i < (1 << 20); i++) values += ",0";
+  EXPECT_NE(error_of([&] { afm::Tokenizer::from_json(values + "]}", "t.json"); }).find("more than 1048576 JSON values"),
+            std::string::npos);
+  json nested = {{"type", "ByteLevel"}};
+  for (int i = 0; i < 100; i++) nested = {{"type", "Sequence"}, {"pretokenizers", {nested}}};
+  EXPECT_NE(error_for({{"pre_tokenizer", nested}}).find("JSON nested deeper than 64 levels"), std::string::npos);
+}
+
 // --- smaller configurations the fixtures do not use ------------------------------------------
 
 TEST(TokenizerConfigs, MergesAsPairsAndSplitBehaviors) {

@@ -25,6 +25,23 @@ void ModelFlags::add_to(CLI::App& cmd) {
       ->capture_default_str();
   cmd.add_option("--max-seq-len", max_seq_len, "context limit (default: the config's, capped by memory)");
   cmd.add_option("--threads,-t", threads, "CPU threads (default: all cores)");
+  cmd.add_option("--max-memory", max_memory,
+                 "memory the weights and a full KV cache may take, e.g. 8G or 512M (default: what is available)");
+}
+
+// "8G", "512M", "64K" (powers of 1024) or a byte count.
+static int64_t parse_memory_size(const std::string& text) {
+  size_t used = 0;
+  double value = -1;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+  }
+  const std::string unit = text.substr(used);
+  const double scale = unit.empty() || unit == "B" ? 1.0 : unit == "K" ? 0x1p10 : unit == "M" ? 0x1p20 : unit == "G" ? 0x1p30 : unit == "T" ? 0x1p40 : -1.0;
+  if (!(value > 0) || scale < 0 || value * scale >= 0x1p62)
+    throw Error("--max-memory \"" + text + "\": expected a size such as 8G, 512M or a byte count");
+  return int64_t(value * scale);
 }
 
 ModelOptions ModelFlags::options() const {
@@ -34,6 +51,7 @@ ModelOptions ModelFlags::options() const {
   if (!kv_cache.empty()) options.kv_cache = parse_kv_cache_type(kv_cache);
   options.block_float_inputs = activations == "int8" ? MatmulInputs::Int8 : MatmulInputs::BF16;
   options.max_seq_len = max_seq_len;
+  if (!max_memory.empty()) options.max_memory = parse_memory_size(max_memory);
   options.num_threads = threads;
   return options;
 }

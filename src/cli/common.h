@@ -21,6 +21,7 @@ struct ModelFlags {
   std::string activations = "bf16";  // bf16 or int8 (ModelOptions::block_float_inputs)
   std::string kv_cache;  // f32, f16 or bf16; empty: the weight format's default (model.h)
   int64_t max_seq_len = 0;
+  std::string max_memory;  // "8G", "512M", bytes; empty: the memory available
   int threads = 0;
 
   void add_to(CLI::App& cmd);

@@ -129,8 +129,7 @@ void encode(DType dtype, const float* in, int64_t n, uint8_t* out) {
     if (dtype == DType::BF16) {
       half[i] = f32_to_bf16(in[i]);
     } else {
-      const _Float16 h = static_cast<_Float16>(in[i]);
-      std::memcpy(&half[i], &h, 2);
+      half[i] = f32_to_f16(in[i]);
     }
   }
 }

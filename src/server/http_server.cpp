@@ -13,6 +13,7 @@
 #include "error.h"
 #include "model_files.h"
 #include "server/metrics.h"
+#include "openapi_json.h"
 #include "server/openai_api.h"
 
 namespace afm::server {
@@ -140,6 +141,9 @@ class Server {
     http_.Get("/health", [](const httplib::Request&, httplib::Response& res) {
       res.set_content(R"({"status":"ok"})", "application/json");
     });
+    http_.Get("/openapi.json", [](const httplib::Request&, httplib::Response& res) {
+      res.set_content(kOpenApiJson, sizeof kOpenApiJson - 1, "application/json");
+    });
     http_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       res.set_content(metrics_.render(scheduler_.gauges()), "text/plain; version=0.0.4");
     });
@@ -157,25 +161,20 @@ class Server {
     http_.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
       if (authorized(req, res)) generate(Endpoint::Chat, req, res);
     });
-    http_.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) { utility(req, res, &Server::tokenize); });
-    http_.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) { utility(req, res, &Server::detokenize); });
+    http_.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) { utility(req, res, Utility::Tokenize); });
+    http_.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) {
+      utility(req, res, Utility::Detokenize);
+    });
     http_.Post("/apply-template", [this](const httplib::Request& req, httplib::Response& res) {
-      utility(req, res, &Server::apply_template);
+      utility(req, res, Utility::ApplyTemplate);
     });
   }
 
   // llama.cpp's utility endpoints: a JSON object in, a JSON object out.
-  void utility(const httplib::Request& req, httplib::Response& res, json (Server::*handler)(const json&)) {
+  void utility(const httplib::Request& req, httplib::Response& res, Utility utility) {
     if (!authorized(req, res)) return;
     try {
-      json body;
-      try {
-        body = json::parse(req.body);
-      } catch (const json::exception& e) {
-        throw ApiError(400, std::string("the body is not valid JSON: ") + e.what());
-      }
-      if (!body.is_object()) throw ApiError(400, "the body must be a JSON object");
-      res.set_content(dump((this->*handler)(body)), "application/json");
+      res.set_content(dump(utility_response(utility, req.body, served_)), "application/json");
     } catch (const ApiError& e) {
       metrics_.rejected(e.status);
       send_error(res, e.status, e.what(), e.param, e.type);
@@ -185,44 +184,6 @@ class Server {
       metrics_.rejected(400);
       send_error(res, 400, std::string("invalid request body: ") + e.what());
     }
-  }
-
-  json tokenize(const json& body) {
-    std::vector<int32_t> ids;
-    const bool with_pieces = body.value("with_pieces", false);
-    if (body.contains("messages")) {
-      ids = served_.tokenizer->encode(render_chat(body["messages"], served_), false);
-    } else {
-      if (!body.contains("content") || !body["content"].is_string()) throw ApiError(400, "content must be a string", "content");
-      if (body.contains("add_special") && !body["add_special"].is_boolean())
-        throw ApiError(400, "add_special must be true or false", "add_special");
-      ids = served_.tokenizer->encode(body["content"].get<std::string>(), body.value("add_special", false));
-    }
-    json tokens = json::array();
-    for (int32_t id : ids) {
-      if (!with_pieces) {
-        tokens.push_back(id);
-        continue;
-      }
-      tokens.push_back({{"id", id}, {"piece", token_text(*served_.tokenizer, id)}});
-    }
-    return {{"tokens", tokens}};
-  }
-
-  json detokenize(const json& body) {
-    if (!body.contains("tokens") || !body["tokens"].is_array()) throw ApiError(400, "tokens must be a list of token ids", "tokens");
-    std::vector<int32_t> ids;
-    for (const json& t : body["tokens"]) {
-      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= served_.tokenizer->vocab_size())
-        throw ApiError(400, "token ids must be integers in [0, " + std::to_string(served_.tokenizer->vocab_size()) + ")", "tokens");
-      ids.push_back(int32_t(t.get<int64_t>()));
-    }
-    return {{"content", served_.tokenizer->decode(ids, /*skip_special_tokens=*/false)}};
-  }
-
-  json apply_template(const json& body) {
-    if (!body.contains("messages")) throw ApiError(400, "messages is required", "messages");
-    return {{"prompt", render_chat(body["messages"], served_)}};
   }
 
   void generate(Endpoint endpoint, const httplib::Request& req, httplib::Response& res) {

@@ -147,8 +147,10 @@ void read_common(const Fields& f, const ServedModel& model, int64_t default_max_
   if (prompt >= context)
     invalid("This model's maximum context length is " + std::to_string(context) + " tokens. However, your prompt has " +
                 std::to_string(prompt) + " tokens, which leaves no room to generate.", "prompt");
-  auto max_tokens = f.integer("max_completion_tokens", 1, context);
-  if (!max_tokens) max_tokens = f.integer("max_tokens", 1, context);
+  // Both are validated; the newer max_completion_tokens wins when a client sends the two.
+  const auto max_completion_tokens = f.integer("max_completion_tokens", 1, context);
+  const auto legacy_max_tokens = f.integer("max_tokens", 1, context);
+  const auto max_tokens = max_completion_tokens ? max_completion_tokens : legacy_max_tokens;
   const int64_t generate = max_tokens.value_or(std::min(default_max_tokens, context - prompt));
   if (prompt + generate > context)
     invalid("This model's maximum context length is " + std::to_string(context) + " tokens. However, you requested " +
@@ -160,6 +162,18 @@ void read_common(const Fields& f, const ServedModel& model, int64_t default_max_
   } catch (const Error& e) {
     invalid(e.what());
   }
+}
+
+// A request body: a JSON object, or ApiError.
+json parse_body(const std::string& body_text) {
+  json body;
+  try {
+    body = json::parse(body_text);
+  } catch (const json::exception& e) {
+    invalid(std::string("the body is not valid JSON: ") + e.what());
+  }
+  if (!body.is_object()) invalid("the body must be a JSON object");
+  return body;
 }
 
 std::string token_bytes(const Tokenizer& tokenizer, int32_t id) {
@@ -226,13 +240,7 @@ std::string render_chat(const json& messages, const ServedModel& model) {
 }
 
 ApiRequest parse_request(Endpoint endpoint, const std::string& body_text, const ServedModel& model) {
-  json body;
-  try {
-    body = json::parse(body_text);
-  } catch (const json::exception& e) {
-    invalid(std::string("the body is not valid JSON: ") + e.what());
-  }
-  if (!body.is_object()) invalid("the body must be a JSON object");
+  const json body = parse_body(body_text);
   const Fields f{body};
   ApiRequest r;
   r.endpoint = endpoint;
@@ -270,6 +278,49 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& body_text, const 
     if (const json* choice = f.get("tool_choice"); choice && *choice != "none") invalid("tool_choice is not supported", "tool_choice");
   }
   return r;
+}
+
+namespace {
+
+json tokenize(const json& body, const ServedModel& model) {
+  std::vector<int32_t> ids;
+  const bool with_pieces = body.value("with_pieces", false);
+  if (body.contains("messages")) {
+    ids = model.tokenizer->encode(render_chat(body["messages"], model), false);
+  } else {
+    if (!body.contains("content") || !body["content"].is_string()) invalid("content must be a string", "content");
+    if (body.contains("add_special") && !body["add_special"].is_boolean())
+      invalid("add_special must be true or false", "add_special");
+    ids = model.tokenizer->encode(body["content"].get<std::string>(), body.value("add_special", false));
+  }
+  json tokens = json::array();
+  for (int32_t id : ids) {
+    if (!with_pieces) {
+      tokens.push_back(id);
+      continue;
+    }
+    tokens.push_back({{"id", id}, {"piece", token_text(*model.tokenizer, id)}});
+  }
+  return {{"tokens", tokens}};
+}
+
+json detokenize(const json& body, const ServedModel& model) {
+  if (!body.contains("tokens") || !body["tokens"].is_array()) invalid("tokens must be a list of token ids", "tokens");
+  return {{"content", model.tokenizer->decode(token_ids(body["tokens"], model, "tokens"), /*skip_special_tokens=*/false)}};
+}
+
+json apply_template(const json& body, const ServedModel& model) {
+  if (!body.contains("messages")) invalid("messages is required", "messages");
+  return {{"prompt", render_chat(body["messages"], model)}};
+}
+
+}  // namespace
+
+json utility_response(Utility utility, const std::string& body_text, const ServedModel& model) {
+  const json body = parse_body(body_text);
+  if (utility == Utility::Tokenize) return tokenize(body, model);
+  if (utility == Utility::Detokenize) return detokenize(body, model);
+  return apply_template(body, model);
 }
 
 ResponseWriter::ResponseWriter(const ApiRequest& request, const ServedModel& model)

@@ -49,6 +49,10 @@ struct ApiRequest {
 // Parses and validates a request body. Throws ApiError (400) for malformed JSON, wrong types,
 // unknown fields, values out of range, and prompts or token counts over the context.
 ApiRequest parse_request(Endpoint endpoint, const std::string& body, const ServedModel& model);
+// llama.cpp's utility endpoints, /tokenize, /detokenize and /apply-template: the request body in,
+// the response object out. Throws ApiError (400) like parse_request.
+enum class Utility { Tokenize, Detokenize, ApplyTemplate };
+nlohmann::json utility_response(Utility utility, const std::string& body, const ServedModel& model);
 // The chat prompt of `messages` (an OpenAI messages array) through the model's template, as
 // text; the tokens add no special tokens of their own (the template wrote them).
 std::string render_chat(const nlohmann::json& messages, const ServedModel& model);

@@ -453,6 +453,9 @@ BAD_COMPLETIONS = [
     ("stop not strings", dict(stop=[1, 2]), "stop"),
     ("n zero", dict(n=0), "n"),
     ("stream_options without stream", dict(stream_options={"include_usage": True}), "stream_options"),
+    # Found by schemathesis: a bad max_tokens was ignored when max_completion_tokens was also sent.
+    ("bad max_tokens beside max_completion_tokens", dict(extra_body={"max_completion_tokens": 1}, max_tokens=10**9),
+     "max_tokens"),
 ]
 
 
@@ -472,6 +475,7 @@ BAD_CHATS = [
     ("logprobs not a bool", dict(logprobs=3), "logprobs"),
     ("unknown field", dict(extra_body={"bar": True}), "bar"),
     ("wrong type", dict(temperature="hot"), "temperature"),
+    ("bad max_tokens beside max_completion_tokens", dict(max_completion_tokens=1, max_tokens=10**9), "max_tokens"),
 ]
 
 

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <string>
 
+#include "backends/cpu/cpu_features.h"
 #include "backends/cpu/row_count.h"
 #include "backends/cpu/simd.h"
 #include "blockfloat.h"
@@ -344,7 +345,7 @@ Kernels kernels(WeightFormat format, Isa isa) {
 
 bool isa_supported(Isa isa) {
 #ifdef AFM_X86
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
   switch (isa) {
     case Isa::Scalar: return true;
     case Isa::Avx2: return avx2;

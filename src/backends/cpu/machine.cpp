@@ -12,6 +12,8 @@
 #include <functional>
 #include <memory>
 
+#include "backends/cpu/cpu_features.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define AFM_X86 1
@@ -186,7 +188,7 @@ Loop best_int8_loop() {
 #ifdef AFM_X86
   if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"))
     return {"avx512-vnni vpdpbusd", 2.0 * 64 * kZmmChains, int8_avx512_vnni};
-  if (__builtin_cpu_supports("avxvnni")) return {"avx-vnni vpdpbusd", 2.0 * 32 * kYmmChains, int8_avx_vnni};
+  if (cpu_has_avx_vnni()) return {"avx-vnni vpdpbusd", 2.0 * 32 * kYmmChains, int8_avx_vnni};
   if (__builtin_cpu_supports("avx2")) return {"avx2 vpmaddubsw+vpmaddwd", 2.0 * 32 * kMaddChains, int8_avx2};
 #endif
   return {"portable", 2.0 * kPortableChains, int8_portable};
