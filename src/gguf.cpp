@@ -31,6 +31,10 @@ std::optional<DType> ggml_dtype(uint32_t id) {
 
 constexpr int kMaxDims = 4;         // GGML_MAX_DIMS
 constexpr int kMaxArrayDepth = 4;   // arrays of arrays exist (merges as pairs); deeper is hostile
+// Array elements in all the metadata: a parsed value takes ~40 bytes however small its encoding,
+// so the file-size bound alone would let a 1 GB file of u8s take 40 GB. Real files hold about a
+// million (vocabularies of 256k tokens with scores and types, and their merges).
+constexpr uint64_t kMaxMetadataValues = uint64_t(1) << 23;
 
 // Reads little-endian values from the mapped header, refusing to step past the end of the file.
 class Cursor {
@@ -68,6 +72,13 @@ class Cursor {
     return n;
   }
 
+  // Counts n more metadata array elements against kMaxMetadataValues, before they are allocated.
+  void take_values(uint64_t n) {
+    if (n > values_left_)
+      fail("more than " + std::to_string(kMaxMetadataValues) + " metadata values in all (afm's limit)");
+    values_left_ -= n;
+  }
+
   [[noreturn]] void fail(const std::string& message) const {
     throw Error(path_ + ": malformed GGUF at byte " + std::to_string(offset_) + ": " + message);
   }
@@ -78,6 +89,7 @@ class Cursor {
   }
   const uint8_t* data_;
   uint64_t size_, offset_ = 0;
+  uint64_t values_left_ = kMaxMetadataValues;
   const std::string& path_;
 };
 
@@ -127,6 +139,7 @@ GGUFValue read_value(Cursor& in, uint32_t type_id, int depth) {
       const uint32_t element_type = in.read<uint32_t>("an array's element type");
       if (element_type > uint32_t(T::F64)) in.fail("unknown array element type " + std::to_string(element_type));
       const uint64_t n = in.count("array elements", min_value_bytes(T(element_type)));
+      in.take_values(n);
       std::vector<GGUFValue> elements;
       elements.reserve(n);
       for (uint64_t i = 0; i < n; i++) elements.push_back(read_value(in, element_type, depth + 1));

@@ -249,6 +249,17 @@ TEST(GgufHostile, ARowTooLongForInt64IsRefused) {
   expect_refused(g.bytes, "impossible size");
 }
 
+// Each parsed metadata value takes ~40 bytes: a file of 10M one-byte values would take 400 MB.
+TEST(GgufHostile, MetadataArraysTooLargeInAllAreRefused) {
+  TinyGguf g;
+  g.bytes = "GGUF";
+  g.u32(3), g.u64(0), g.u64(1);  // version, no tensors, one metadata entry
+  const uint64_t n = 10'000'000;
+  g.str("big"), g.u32(9), g.u32(0), g.u64(n);  // an array of n u8s
+  g.bytes.append(n, '\1');
+  expect_refused(g.bytes, "more than 8388608 metadata values in all");
+}
+
 TEST(GgufHostile, AStringLongerThanTheFile) {
   TinyGguf g;
   g.patch_u64(g.arch_length_at, 1ull << 40);
