@@ -63,8 +63,9 @@ AFM_AVX2 uint64_t read_avx2(const uint8_t* p, int64_t bytes) {
     for (int j = 0; j < 4; j++)
       s[j] = _mm256_add_epi64(s[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32 * j)));
   const __m256i t = _mm256_add_epi64(_mm256_add_epi64(s[0], s[1]), _mm256_add_epi64(s[2], s[3]));
-  return uint64_t(_mm256_extract_epi64(t, 0) + _mm256_extract_epi64(t, 1) + _mm256_extract_epi64(t, 2) +
-                  _mm256_extract_epi64(t, 3));
+  // Summed as unsigned: the sink wraps, where a signed sum would be undefined (found by UBSan).
+  return uint64_t(_mm256_extract_epi64(t, 0)) + uint64_t(_mm256_extract_epi64(t, 1)) +
+         uint64_t(_mm256_extract_epi64(t, 2)) + uint64_t(_mm256_extract_epi64(t, 3));
 }
 #endif
 
