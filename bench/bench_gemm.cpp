@@ -1,7 +1,8 @@
-// The prefill matmul (gemm.h) on one thread, on AFM-4.5B's MLP shapes (up [18432, 2560], down
-// [2560, 18432]) cut to 1/8 of their rows, against the f32 FMA peak of one thread measured in the
-// same run (peak_GFLOP/s). Args: format (WeightFormat), isa (afm::cpu::Isa), tokens, shape
-// (0 up, 1 down).
+// The prefill matmuls on one thread, on AFM-4.5B's MLP shapes (up [18432, 2560], down
+// [2560, 18432]) cut to 1/8 of their rows: the f32 GEMM (gemm.h) against the f32 FMA peak of one
+// thread measured in the same run (peak_GFLOP/s), and the int8 GEMM (int8_gemm.h, AVX-512 VNNI)
+// against the int8 dot peak (peak_GOP/s; an op is a multiply or an add, as for FLOPs).
+// Args: format (WeightFormat), isa (afm::cpu::Isa), tokens, shape (0 up, 1 down).
 #include <benchmark/benchmark.h>
 
 #include <cstring>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "backends/cpu/gemm.h"
+#include "backends/cpu/int8_gemm.h"
 #include "backends/cpu/machine.h"
 #include "blockfloat.h"
 #include "numeric.h"
@@ -85,6 +87,48 @@ void Gemm(benchmark::State& state) {
   state.SetLabel(std::string(afm::cpu::isa_name(isa)) + (shape == 0 ? " up" : " down"));
 }
 
+// The int8 GEMM on activations quantized outside the timed loop (quantize_int8_rows, timed by
+// Int8Quantize).
+void Int8Gemm(benchmark::State& state) {
+  const auto format = WeightFormat(state.range(0));
+  const int64_t tokens = state.range(1);
+  const int shape = int(state.range(2));
+  if (!afm::cpu::int8_gemm_supported(afm::cpu::best_isa())) {
+    state.SkipWithError("no int8 gemm kernels on this CPU (needs AVX-512 VNNI)");
+    return;
+  }
+  const int64_t rows[] = {18432 / 8, 2560 / 8}, cols[] = {2560, 18432};
+  Matrix m = make_matrix(format, rows[shape], cols[shape]);
+  m.weight.inputs = afm::MatmulInputs::Int8;
+  std::vector<float> x(tokens * cols[shape]), out(tokens * rows[shape]);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal;
+  for (float& v : x) v = normal(rng);
+  afm::cpu::Int8Rows q;
+  afm::cpu::quantize_int8_rows(format, x.data(), tokens, cols[shape], q);
+  for (auto _ : state) {
+    afm::cpu::int8_gemm(m.weight, q, out.data(), one_thread());
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double ops = 2.0 * double(tokens * rows[shape] * cols[shape]);
+  state.counters["GOP/s"] = benchmark::Counter(ops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  static const double peak = afm::cpu::int8_dot_peak(one_thread()).per_thread;
+  state.counters["peak_GOP/s"] = peak;
+  state.SetLabel(shape == 0 ? "up" : "down");
+}
+
+// quantize_int8_rows on one thread: 512 tokens of the down matrix's input.
+void Int8Quantize(benchmark::State& state) {
+  const int64_t tokens = 512, cols = 18432;
+  std::vector<float> x(tokens * cols);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal;
+  for (float& v : x) v = normal(rng);
+  afm::cpu::Int8Rows q;
+  for (auto _ : state) afm::cpu::quantize_int8_rows(WeightFormat::BFP8, x.data(), tokens, cols, q);
+  state.counters["Gvalues/s"] = benchmark::Counter(double(tokens * cols) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 void Args(benchmark::internal::Benchmark* b) {
   for (int f : {int(WeightFormat::F32), int(WeightFormat::BF16), int(WeightFormat::BFP8), int(WeightFormat::BFP4)})
     for (int isa : {int(Isa::Avx2), int(Isa::Avx512)})
@@ -95,4 +139,9 @@ void Args(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK(Gemm)->Apply(Args)->ArgNames({"fmt", "isa", "tokens", "shape"})->Unit(benchmark::kMillisecond);
+BENCHMARK(Int8Gemm)
+    ->ArgsProduct({{int(WeightFormat::BFP8), int(WeightFormat::BFP4)}, {4, 8, 16, 128, 512}, {0, 1}})
+    ->ArgNames({"fmt", "tokens", "shape"})
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(Int8Quantize)->Unit(benchmark::kMillisecond);
 BENCHMARK_MAIN();

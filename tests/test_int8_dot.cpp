@@ -27,14 +27,21 @@ std::vector<float> random_rows(int64_t rows, int64_t k, std::mt19937& rng) {
   return x;
 }
 
-TEST(Int8Quantize, RoundsEachBlockWithinHalfAStep) {
+class Int8QuantizeIsa : public testing::TestWithParam<Isa> {};
+
+TEST_P(Int8QuantizeIsa, RoundsEachBlockWithinHalfAStep) {
+  const Isa isa = GetParam();
+  if (!afm::cpu::isa_supported(isa)) GTEST_SKIP() << "CPU has no " << afm::cpu::isa_name(isa);
   std::mt19937 rng(3);
   for (WeightFormat f : kBlockFormats) {
     for (int64_t k : {1, 15, 16, 17, 64, 65, 300}) {
       const int64_t rows = 3;
       const std::vector<float> x = random_rows(rows, k, rng);
-      afm::cpu::Int8Rows q;
-      afm::cpu::quantize_int8_rows(f, x.data(), rows, k, q);
+      afm::cpu::Int8Rows q, scalar;
+      afm::cpu::quantize_int8_rows(f, x.data(), rows, k, q, nullptr, isa);
+      afm::cpu::quantize_int8_rows(f, x.data(), rows, k, scalar, nullptr, Isa::Scalar);
+      EXPECT_EQ(q.q, scalar.q) << "every ISA rounds alike";
+      EXPECT_EQ(q.scale, scalar.scale);
       ASSERT_EQ(q.padded % 64, 0);
       ASSERT_GE(q.padded, k);
       const int offset = f == WeightFormat::BFP8 ? 128 : 8;
@@ -57,10 +64,18 @@ TEST(Int8Quantize, RoundsEachBlockWithinHalfAStep) {
           const int8_t* v = q.q.data() + r * q.padded + 4 * j;
           EXPECT_EQ(q.offset_sums[r * q.padded / 4 + j], -offset * (v[0] + v[1] + v[2] + v[3]));
         }
+        for (int64_t b = 0; b < q.padded / 16; b++) {
+          int32_t sum = 0;
+          for (int64_t i = 16 * b; i < 16 * b + 16; i++) sum += q.q[r * q.padded + i];
+          EXPECT_EQ(q.block_offset_sums[r * q.padded / 16 + b], -offset * sum);
+        }
       }
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Int8Quantize, Int8QuantizeIsa, testing::ValuesIn(afm::cpu::kAllIsas),
+                         [](const testing::TestParamInfo<Isa>& info) { return afm::cpu::isa_name(info.param); });
 
 class Int8DotIsa : public testing::TestWithParam<Isa> {};
 

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "backends/cpu/int8_gemm.h"
 #include "eval.h"
 #include "model.h"
 #include "model_files.h"
@@ -66,16 +67,22 @@ TEST_F(SmolLM2, Bfp8NearTheNotesBarOnARealModel) {
   EXPECT_EQ(r.top5, 1.0);
 }
 
-// --activations int8: decode's matrix-vector products read int8 blocks (int8_dot.h). It changes
-// the numerics (a larger decode error than bf16 inputs give) and costs about one top-1 step in
-// 100 here (docs/ACCURACY.md), which is why bf16 stays the default.
+// --activations int8: decode's matrix-vector products read int8 blocks (int8_dot.h), and so does
+// a long prefill where the CPU has the int8 GEMM (AVX-512 VNNI; elsewhere it takes the f32 GEMM
+// on bf16 inputs). It changes the numerics (a larger error than bf16 inputs give) and moves a
+// step or two of 300 either way here (docs/ACCURACY.md), which is why bf16 stays the default.
 TEST_F(SmolLM2, Bfp8WithInt8ActivationsKeepsTop5) {
   const afm::EvalResult bf16 = evaluate(afm::WeightFormat::BFP8);
   const afm::EvalResult int8 = evaluate(afm::WeightFormat::BFP8, false, afm::MatmulInputs::Int8);
   EXPECT_EQ(int8.top5, 1.0);
   EXPECT_GE(int8.top1, 0.965);
-  EXPECT_EQ(int8.prompts[1].prefill_max_rel_err, bf16.prompts[1].prefill_max_rel_err)
-      << "a long prefill takes the GEMM, which reads bf16 either way";
+  if (afm::cpu::int8_gemm_supported(afm::cpu::best_isa()))
+    EXPECT_NE(int8.prompts[1].prefill_max_rel_err, bf16.prompts[1].prefill_max_rel_err)
+        << "the 681-token prefill did not take the int8 GEMM";
+  else
+    EXPECT_EQ(int8.prompts[1].prefill_max_rel_err, bf16.prompts[1].prefill_max_rel_err)
+        << "a long prefill takes the f32 GEMM, which reads bf16 either way";
+  EXPECT_LE(int8.prompts[1].prefill_max_rel_err, 0.05);
   EXPECT_NE(int8.decode_max_rel_err, bf16.decode_max_rel_err) << "decode did not take the int8 kernels";
   EXPECT_LE(int8.decode_max_rel_err, 0.2);
 }

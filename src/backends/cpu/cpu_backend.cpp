@@ -9,6 +9,7 @@
 #include "backends/cpu/dot.h"
 #include "backends/cpu/gemm.h"
 #include "backends/cpu/int8_dot.h"
+#include "backends/cpu/int8_gemm.h"
 #include "backends/cpu/thread_pool.h"
 #include "error.h"
 #include "numeric.h"
@@ -57,8 +58,10 @@ class CpuBackend final : public Backend {
   void linear(const Tensor& x_in, const Weight& w, Tensor& out) override {
     const int64_t T = x_in.rows, K = w.cols;
     const bool gemm = T >= cpu::kGemmMinTokens && cpu::gemm_supported(cpu::best_isa());
-    if (w.inputs == MatmulInputs::Int8 && !gemm) {
-      cpu::quantize_int8_rows(w.format, x_in.data, T, K, int8_rows_);
+    const bool int8_gemm = gemm && cpu::int8_gemm_supported(cpu::best_isa());
+    if (w.inputs == MatmulInputs::Int8 && (int8_gemm || !gemm)) {
+      cpu::quantize_int8_rows(w.format, x_in.data, T, K, int8_rows_, &pool_);
+      if (int8_gemm) return cpu::int8_gemm(w, int8_rows_, out.data, pool_);
       const cpu::Int8DotFn dot = cpu::int8_dot_kernel(w.format);
       return rows_by_groups_of_tokens(w, T, out, [&](const uint8_t* w_row, int64_t t0, int nt, float* result) {
         dot(w_row, int8_rows_, t0, nt, result);

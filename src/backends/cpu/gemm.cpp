@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "backends/cpu/simd.h"
+#include "backends/cpu/transpose.h"
 #include "error.h"
 
 namespace afm::cpu {
@@ -81,40 +82,6 @@ AFM_AVX512 void micro_avx512(const float* x, int64_t x_stride, const float* pane
     _mm512_mask_storeu_ps(o, m0, acc[t][0]);
     _mm512_mask_storeu_ps(o + 16, m1, acc[t][1]);
   }
-}
-
-// Transposes a 16 x 16 tile of 32-bit words: row r of `src` (stride src_stride) becomes column r
-// of `dst` (stride dst_stride).
-AFM_AVX512 void transpose16(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * src_stride);
-  for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of words
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks of words
-    for (int j = 0; j < 2; j++) {
-      const __m512d a = _mm512_castps_pd(t[i + j]), b = _mm512_castps_pd(t[i + j + 2]);
-      r[i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-      r[i + j + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-    }
-  }
-  // Lanes of 128 bits now hold 4 x 4 transposed blocks; reorder the blocks across vectors.
-  for (int i = 0; i < 4; i++) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);        // 128-bit lanes 0, 2 of each
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);    // lanes 1, 3
-    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
-  }
-  for (int i = 0; i < 4; i++) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
-  }
-  // r[j] now holds, for j = 4a + b, rows in the order the unpacks left them: word order fix-up.
-  static constexpr int kOrder[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
-  for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + i * dst_stride, r[kOrder[i]]);
 }
 
 AFM_AVX512 void pack_avx512(const float* src, int64_t stride, int64_t columns, int64_t panel_rows, float* dst) {

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <string>
 
+#include "backends/cpu/int8_weights.h"
 #include "backends/cpu/row_count.h"
 #include "backends/cpu/simd.h"
 #include "blockfloat.h"
@@ -15,8 +16,6 @@
 namespace afm::cpu {
 
 namespace {
-
-constexpr int64_t kGroup = 64;  // int8 values in one 512-bit vector: 4 blocks
 
 int weight_offset(WeightFormat format) { return format == WeightFormat::BFP8 ? 128 : 8; }
 
@@ -57,28 +56,8 @@ void int8_dot_scalar(const uint8_t* w_row, const Int8Rows& x, int64_t first, int
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // AVX-512 VNNI. `vpdpbusd` multiplies unsigned by signed bytes, so each weight is read as
-// value + offset (one xor), and the sums start from x's offset_sums, which take the offset out.
-// Group g's 64 weights as unsigned bytes, in order; blocks past the row read as value 0.
-template <class BF>
-AFM_AVX512_VNNI inline __m512i load_offset_weights(const uint8_t* payloads, int64_t g, int64_t blocks_left) {
-  const int64_t n = std::min<int64_t>(4, blocks_left);
-  if constexpr (BF::mag_bits == 7) {
-    const __mmask64 m = n == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * n)) - 1;
-    return _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, payloads + kGroup * g), _mm512_set1_epi8(char(0x80)));
-  } else {
-    // 8 bytes per block hold values 0-7 in the low nibbles and 8-15 in the high ones; xor 0x88
-    // turns each two's-complement nibble v into v + 8.
-    const __mmask32 m = n == 4 ? ~__mmask32(0) : (__mmask32(1) << (8 * n)) - 1;
-    const __m256i b = _mm256_xor_si256(_mm256_maskz_loadu_epi8(m, payloads + 32 * g), _mm256_set1_epi8(char(0x88)));
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
-    // Per 128-bit lane: unpacklo gives blocks 0 and 2 (low then high nibbles), unpackhi 1 and 3.
-    const __m512i even = _mm512_castsi256_si512(_mm256_unpacklo_epi64(lo, hi));
-    const __m512i odd = _mm512_castsi256_si512(_mm256_unpackhi_epi64(lo, hi));
-    return _mm512_permutex2var_epi64(even, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), odd);
-  }
-}
-
+// value + offset (load_offset_weights), and the sums start from x's offset_sums, which take the
+// offset out.
 template <class BF, int NX>
 AFM_AVX512_VNNI void int8_dot_vnni_n(const uint8_t* w_row, const Int8Rows& x, int64_t first, float* out) {
   const int64_t blocks = block_float_blocks(x.k), groups = (blocks + 3) / 4;
@@ -109,7 +88,7 @@ AFM_AVX512_VNNI void int8_dot_vnni_n(const uint8_t* w_row, const Int8Rows& x, in
 #pragma GCC unroll 4
       for (int j = 0; j < NX; j++) {
         const __m512i sums = _mm512_dpbusd_epi32(_mm512_loadu_si512(xr[j].offset_sums + 16 * g), w,
-                                                 _mm512_loadu_si512(xr[j].q + kGroup * g));
+                                                 _mm512_loadu_si512(xr[j].q + kInt8Group * g));
         acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(lanes, scale[j]), acc[j]);
       }
     }
@@ -205,32 +184,86 @@ struct Kernels {
   }
 };
 
+// One row of quantize_int8_rows, into zeroed q, scale and sums.
+using QuantizeRowFn = void (*)(const float* in, int64_t k, int32_t offset, int8_t* q, float* scale,
+                               int32_t* offset_sums, int32_t* block_offset_sums);
+
+void quantize_int8_row_scalar(const float* in, int64_t k, int32_t offset, int8_t* q, float* scale,
+                              int32_t* offset_sums, int32_t* block_offset_sums) {
+  for (int64_t b0 = 0; b0 < k; b0 += kBlockFloatBlock) {
+    const int64_t b1 = std::min(k, b0 + kBlockFloatBlock);
+    float max_abs = 0;
+    for (int64_t i = b0; i < b1; i++) max_abs = std::max(max_abs, std::fabs(in[i]));
+    if (max_abs == 0) continue;
+    const float inverse = 127.0f / max_abs;
+    for (int64_t i = b0; i < b1; i++) q[i] = int8_t(std::clamp(std::nearbyint(in[i] * inverse), -127.0f, 127.0f));
+    scale[b0 / kBlockFloatBlock] = max_abs / 127.0f;
+  }
+  for (int64_t j = 0; j < block_float_blocks(k) * 4; j++) {
+    offset_sums[j] = -offset * (q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3]);
+    block_offset_sums[j / 4] += offset_sums[j];
+  }
+}
+
+#ifdef AFM_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's AVX-512 headers (see dot.cpp)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The same, a block per vector: a prefill quantizes millions of values per matmul. Conversion
+// rounds to nearest even, as nearbyint does; |x| * (127 / max) cannot round past 127.
+AFM_AVX512 void quantize_int8_row_avx512(const float* in, int64_t k, int32_t offset, int8_t* q, float* scale,
+                                         int32_t* offset_sums, int32_t* block_offset_sums) {
+  for (int64_t b = 0; b * kBlockFloatBlock < k; b++) {
+    const int64_t n = std::min<int64_t>(kBlockFloatBlock, k - b * kBlockFloatBlock);
+    const __m512 v = _mm512_maskz_loadu_ps(n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1), in + 16 * b);
+    const float max_abs = _mm512_reduce_max_ps(_mm512_abs_ps(v));
+    if (max_abs == 0) continue;
+    const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(127.0f / max_abs)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * b), _mm512_cvtsepi32_epi8(qi));
+    scale[b] = max_abs / 127.0f;
+    // Each 128-bit lane holds one group of 4: sum within lanes, then take one word per lane.
+    __m512i sums = _mm512_add_epi32(qi, _mm512_shuffle_epi32(qi, _MM_PERM_BADC));
+    sums = _mm512_add_epi32(sums, _mm512_shuffle_epi32(sums, _MM_PERM_CDAB));
+    const __m128i quads = _mm512_castsi512_si128(_mm512_maskz_compress_epi32(0x1111, sums));
+    const __m128i offset_quads = _mm_mullo_epi32(quads, _mm_set1_epi32(-offset));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(offset_sums + 4 * b), offset_quads);
+    block_offset_sums[b] = -offset * _mm512_reduce_add_epi32(qi);
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+QuantizeRowFn quantize_row_kernel(Isa isa) {
+#ifdef AFM_X86
+  if (isa == Isa::Avx512 || isa == Isa::Avx512Vnni) return quantize_int8_row_avx512;
+#endif
+  (void)isa;
+  return quantize_int8_row_scalar;
+}
+
 }  // namespace
 
-void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64_t k, Int8Rows& out) {
+void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64_t k, Int8Rows& out,
+                        ThreadPool* pool, Isa isa) {
+  if (!isa_supported(isa)) throw Error(std::string("int8 activations: this CPU does not support ") + isa_name(isa));
   if (!is_block_float(format)) throw Error("int8 activations: only for bfp8 and bfp4 weights, not " + format_name(format));
   out.rows = rows;
   out.k = k;
-  out.padded = std::max<int64_t>(kGroup, (k + kGroup - 1) / kGroup * kGroup);
+  out.padded = std::max<int64_t>(kInt8Group, (k + kInt8Group - 1) / kInt8Group * kInt8Group);
+  const int64_t blocks = out.padded / kBlockFloatBlock;
   out.q.assign(rows * out.padded, 0);
-  out.scale.assign(rows * out.padded / kBlockFloatBlock, 0.0f);
+  out.scale.assign(rows * blocks, 0.0f);
   out.offset_sums.assign(rows * out.padded / 4, 0);
+  out.block_offset_sums.assign(rows * blocks, 0);
   const int32_t offset = weight_offset(format);
-  for (int64_t r = 0; r < rows; r++) {
-    const float* in = x + r * k;
-    int8_t* q = out.q.data() + r * out.padded;
-    for (int64_t b0 = 0; b0 < k; b0 += kBlockFloatBlock) {
-      const int64_t b1 = std::min(k, b0 + kBlockFloatBlock);
-      float max_abs = 0;
-      for (int64_t i = b0; i < b1; i++) max_abs = std::max(max_abs, std::fabs(in[i]));
-      if (max_abs == 0) continue;
-      const float inverse = 127.0f / max_abs;
-      for (int64_t i = b0; i < b1; i++) q[i] = int8_t(std::clamp(std::nearbyint(in[i] * inverse), -127.0f, 127.0f));
-      out.scale[r * out.padded / kBlockFloatBlock + b0 / kBlockFloatBlock] = max_abs / 127.0f;
-    }
-    int32_t* sums = out.offset_sums.data() + r * out.padded / 4;
-    for (int64_t j = 0; j < out.padded / 4; j++) sums[j] = -offset * (q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3]);
-  }
+  const QuantizeRowFn quantize_row = quantize_row_kernel(isa);
+  auto quantize = [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++)
+      quantize_row(x + r * k, k, offset, out.q.data() + r * out.padded, out.scale.data() + r * blocks,
+                        out.offset_sums.data() + r * out.padded / 4, out.block_offset_sums.data() + r * blocks);
+  };
+  if (pool) pool->parallel_for(rows, 1, rows * k, quantize);
+  else quantize(0, rows);
 }
 
 Int8DotFn int8_dot_kernel(WeightFormat format, Isa isa) {

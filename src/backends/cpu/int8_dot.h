@@ -11,26 +11,34 @@
 #include <vector>
 
 #include "backends/cpu/dot.h"
+#include "backends/cpu/thread_pool.h"
 #include "weight.h"
 
 namespace afm::cpu {
 
+constexpr int64_t kInt8Group = 64;  // int8 values in one 512-bit vector: 4 blocks
+
 // Rows of activations quantized for one weight format's int8 kernels. Per row of k values,
-// padded with zeros to `padded` (a multiple of 64):
+// padded with zeros to `padded` (a multiple of kInt8Group):
 //   q[i]         round(x[i] / scale[i / 16]), in -127..127, with scale = max |x| of the block / 127;
 //   scale[b]     0 for a block of zeros;
 //   offset_sums  -(offset * (q[4j] + ... + q[4j+3])) per 4 values: the kernels that read a weight
 //                as an unsigned byte (its value + offset; offset 128 for bfp8, 8 for bfp4) start
-//                their integer sums from it, which cancels the offset exactly.
+//                their integer sums from it, which cancels the offset exactly;
+//   block_offset_sums  the same per block of 16 (the GEMM's, int8_gemm.h).
 struct Int8Rows {
   int64_t rows = 0, k = 0, padded = 0;
   std::vector<int8_t> q;          // [rows][padded]
   std::vector<float> scale;       // [rows][padded / 16]
   std::vector<int32_t> offset_sums;  // [rows][padded / 4]
+  std::vector<int32_t> block_offset_sums;  // [rows][padded / 16]
 };
 
-// Quantizes `rows` rows of x (row stride k) for the int8 kernels of `format` (BFP8 or BFP4).
-void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64_t k, Int8Rows& out);
+// Quantizes `rows` rows of x (row stride k) for the int8 kernels of `format` (BFP8 or BFP4),
+// over `pool` when given (rows are independent), with `isa`'s kernel (every ISA's gives the same
+// bytes).
+void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64_t k, Int8Rows& out,
+                        ThreadPool* pool = nullptr, Isa isa = best_isa());
 
 // out[j] = sum over blocks of W(w_row) · (q * scale) of rows first..first + n_x - 1 of x
 // (n_x in 1..kMaxDotRows); k is the weight row's column count, equal to x.k.

@@ -1,0 +1,198 @@
+// Each thread takes a block of weight rows and, for one slice of kDepth columns at a time, packs
+// it into panels of 32 rows: a panel holds, per 4 columns, the 32 rows' 4 weight bytes (one
+// vector of 16 rows twice), and per block of 16 columns the rows' exponents as floats. A
+// micro-kernel keeps a tile of up to 6 tokens x 32 rows in registers: per 4 columns it loads the
+// panel's 2 vectors and broadcasts each token's 4 int8 values, 2 `vpdpbusd` per broadcast; at
+// the end of each block it converts the integer sums and adds them, scaled, into f32 sums.
+#include "backends/cpu/int8_gemm.h"
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "backends/cpu/int8_weights.h"
+#include "backends/cpu/simd.h"
+#include "backends/cpu/transpose.h"
+#include "blockfloat.h"
+#include "error.h"
+
+namespace afm::cpu {
+
+namespace {
+
+constexpr int64_t kPanelRows = 32;     // two vectors of 16 rows
+constexpr int64_t kDepth = 256;        // columns packed at a time (a multiple of kInt8Group)
+constexpr int64_t kBlockRows = 256;    // weight rows a thread packs at a time (at most)
+constexpr int kMaxTokens = 6;          // 4 x 6 accumulators + the panel's vectors fit 32 registers
+constexpr int64_t kQuadBytes = 4 * kPanelRows;  // one panel's 4 columns
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// A tile's view of the quantized activations: tokens t0.. and the slice's first column.
+struct XTile {
+  const int8_t* q;            // token t's values: q + t * q_stride
+  const float* scale;         // token t's block scales: scale + t * block_stride
+  const int32_t* offsets;     // token t's block offset sums, the same stride
+  int64_t q_stride, block_stride;
+};
+
+#ifdef AFM_X86
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's AVX-512 headers (see dot.cpp)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// out[t][r] (+)= the tile's sums over `blocks` blocks of the panel, for t < Tokens and rows below
+// `rows`.
+template <int Tokens>
+AFM_AVX512_VNNI void micro(const XTile& x, const uint8_t* panel, const float* exponents, int64_t blocks, float* out,
+                           int64_t out_stride, int64_t rows, bool accumulate) {
+  __m512 acc[Tokens][2];
+#pragma GCC unroll 6
+  for (int t = 0; t < Tokens; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; b++) {
+    __m512i sum[Tokens][2];
+#pragma GCC unroll 6
+    for (int t = 0; t < Tokens; t++) sum[t][0] = sum[t][1] = _mm512_set1_epi32(x.offsets[t * x.block_stride + b]);
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; s++) {
+      const uint8_t* quad = panel + (4 * b + s) * kQuadBytes;
+      const __m512i w0 = _mm512_loadu_si512(quad), w1 = _mm512_loadu_si512(quad + 64);
+#pragma GCC unroll 6
+      for (int t = 0; t < Tokens; t++) {
+        int32_t four;
+        std::memcpy(&four, x.q + t * x.q_stride + 16 * b + 4 * s, 4);
+        const __m512i xb = _mm512_set1_epi32(four);
+        sum[t][0] = _mm512_dpbusd_epi32(sum[t][0], w0, xb);
+        sum[t][1] = _mm512_dpbusd_epi32(sum[t][1], w1, xb);
+      }
+    }
+    // sum * 2^(e - bias) exactly, times x's block scale, into the f32 sums.
+    const __m512 e0 = _mm512_loadu_ps(exponents + kPanelRows * b), e1 = _mm512_loadu_ps(exponents + kPanelRows * b + 16);
+#pragma GCC unroll 6
+    for (int t = 0; t < Tokens; t++) {
+      const __m512 xs = _mm512_set1_ps(x.scale[t * x.block_stride + b]);
+      acc[t][0] = _mm512_fmadd_ps(_mm512_scalef_ps(_mm512_cvtepi32_ps(sum[t][0]), e0), xs, acc[t][0]);
+      acc[t][1] = _mm512_fmadd_ps(_mm512_scalef_ps(_mm512_cvtepi32_ps(sum[t][1]), e1), xs, acc[t][1]);
+    }
+  }
+  const __mmask16 m0 = rows >= 16 ? 0xFFFF : __mmask16((1u << rows) - 1);
+  const __mmask16 m1 = rows >= 32 ? 0xFFFF : rows <= 16 ? 0 : __mmask16((1u << (rows - 16)) - 1);
+#pragma GCC unroll 6
+  for (int t = 0; t < Tokens; t++) {
+    float* o = out + t * out_stride;
+    if (accumulate) {
+      acc[t][0] = _mm512_add_ps(acc[t][0], _mm512_maskz_loadu_ps(m0, o));
+      acc[t][1] = _mm512_add_ps(acc[t][1], _mm512_maskz_loadu_ps(m1, o + 16));
+    }
+    _mm512_mask_storeu_ps(o, m0, acc[t][0]);
+    _mm512_mask_storeu_ps(o + 16, m1, acc[t][1]);
+  }
+}
+
+// Packs columns [k0, k0 + groups * 64) of `rows` (<= 32) weight rows, the first at `w_row`, into
+// one panel: its quads ([groups * 16][32 rows] words) and exponents ([groups * 4][32 rows]).
+// Rows past `rows` are zeros (their outputs are never stored).
+template <class BF>
+AFM_AVX512_VNNI void pack(const uint8_t* w_row, int64_t row_bytes, int64_t rows, int64_t blocks, int64_t k0,
+                          int64_t groups, uint8_t* quads, float* exponents) {
+  alignas(64) uint32_t staged[kPanelRows][16];  // one group of every row: 16 words of 4 bytes
+  const int64_t g0 = k0 / kInt8Group, b0 = k0 / kBlockFloatBlock;
+  const float bias = float(127 + BF::mag_bits - 1);
+  for (int64_t r = 0; r < kPanelRows; r++)
+    for (int64_t b = 0; b < 4 * groups; b++)
+      exponents[b * kPanelRows + r] = r < rows && b0 + b < blocks ? float(w_row[r * row_bytes + b0 + b]) - bias : 0.0f;
+  for (int64_t g = 0; g < groups; g++) {
+    for (int64_t r = 0; r < kPanelRows; r++) {
+      const __m512i v = r < rows ? load_offset_weights<BF>(w_row + r * row_bytes + blocks, g0 + g, blocks - 4 * (g0 + g))
+                                 : _mm512_setzero_si512();
+      _mm512_store_si512(staged[r], v);
+    }
+    // Word c of row r goes to quad (16 g + c), lane r.
+    for (int64_t half = 0; half < 2; half++)
+      transpose16(reinterpret_cast<const float*>(staged[16 * half]), 16,
+                  reinterpret_cast<float*>(quads + 16 * g * kQuadBytes + 64 * half), kQuadBytes / 4);
+  }
+}
+
+#pragma GCC diagnostic pop
+
+using MicroFn = void (*)(const XTile&, const uint8_t*, const float*, int64_t, float*, int64_t, int64_t, bool);
+using PackFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, uint8_t*, float*);
+
+template <size_t... I>
+constexpr std::array<MicroFn, sizeof...(I)> micro_table(std::index_sequence<I...>) {
+  return {micro<int(I) + 1>...};
+}
+constexpr auto kMicro = micro_table(std::make_index_sequence<kMaxTokens>());
+
+// One thread's work on weight rows [n0, n0 + rows): pack, multiply, slice by slice.
+void gemm_block(const Weight& w, PackFn pack_panel, const Int8Rows& x, float* out, int64_t n0, int64_t rows) {
+  const int64_t N = w.rows, blocks = block_float_blocks(w.cols), x_blocks = x.padded / kBlockFloatBlock;
+  const int64_t panels = (rows + kPanelRows - 1) / kPanelRows;
+  thread_local std::vector<uint8_t> quads;   // [panels][kDepth / 4][32 rows][4 bytes]
+  thread_local std::vector<float> exponents;  // [panels][kDepth / 16][32 rows]
+  quads.resize(panels * kDepth * kPanelRows);
+  exponents.resize(panels * kDepth / kBlockFloatBlock * kPanelRows);
+  for (int64_t k0 = 0; k0 < x.padded; k0 += kDepth) {
+    const int64_t groups = std::min(kDepth, x.padded - k0) / kInt8Group;
+    uint8_t* q = quads.data();
+    float* e = exponents.data();
+    const int64_t quad_stride = kDepth * kPanelRows, exponent_stride = kDepth / kBlockFloatBlock * kPanelRows;
+    for (int64_t p = 0; p < panels; p++)
+      pack_panel(w.data + (n0 + p * kPanelRows) * w.row_bytes, w.row_bytes,
+                 std::min(kPanelRows, rows - p * kPanelRows), blocks, k0, groups, q + p * quad_stride,
+                 e + p * exponent_stride);
+    for (int64_t t0 = 0; t0 < x.rows; t0 += kMaxTokens) {
+      const int tokens = int(std::min<int64_t>(kMaxTokens, x.rows - t0));
+      const XTile tile{x.q.data() + t0 * x.padded + k0, x.scale.data() + t0 * x_blocks + k0 / kBlockFloatBlock,
+                       x.block_offset_sums.data() + t0 * x_blocks + k0 / kBlockFloatBlock, x.padded, x_blocks};
+      for (int64_t p = 0; p < panels; p++) {
+        const int64_t r0 = p * kPanelRows;
+        kMicro[tokens - 1](tile, q + p * quad_stride, e + p * exponent_stride, 4 * groups, out + t0 * N + n0 + r0, N,
+                           rows - r0, k0 > 0);
+      }
+    }
+  }
+}
+
+#endif  // AFM_X86
+
+}  // namespace
+
+bool int8_gemm_supported(Isa isa) {
+#ifdef AFM_X86
+  return isa == Isa::Avx512Vnni && isa_supported(isa);
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool, Isa isa) {
+  if (!int8_gemm_supported(isa)) throw Error(std::string("int8 gemm: no kernels for ") + isa_name(isa) + " on this CPU");
+  if (!is_block_float(w.format)) throw Error("int8 gemm: only for bfp8 and bfp4 weights, not " + format_name(w.format));
+  if (x.k != w.cols) throw Error("int8 gemm: activations have " + std::to_string(x.k) + " columns, weights " +
+                                 std::to_string(w.cols));
+#ifdef AFM_X86
+  const PackFn pack_panel = w.format == WeightFormat::BFP8 ? pack<Bfp8> : pack<Bfp4>;
+  // Blocks of whole panels, at least one per thread, so both cores have work on narrow matrices.
+  const int64_t N = w.rows;
+  const int64_t blocks = round_up((N + kBlockRows - 1) / kBlockRows, pool.size());
+  const int64_t block_rows = round_up((N + blocks - 1) / blocks, kPanelRows);
+  pool.parallel_for((N + block_rows - 1) / block_rows, 1, x.rows * N * w.cols, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+      const int64_t n0 = b * block_rows;
+      gemm_block(w, pack_panel, x, out, n0, std::min(block_rows, N - n0));
+    }
+  });
+#else
+  (void)out;
+  (void)pool;
+#endif
+}
+
+}  // namespace afm::cpu

@@ -1,0 +1,26 @@
+// The prefill and batched matmul for block-float weights with int8 activations
+// (`--activations int8`): gemm.h's scheme on AVX-512 VNNI's `vpdpbusd`, which does 64
+// multiply-adds per instruction where an f32 FMA does 16. A thread's block of weight rows is
+// packed slice by slice into panels that stay in cache: the weights' bytes as they are stored
+// (plus the unsigned offset, int8_weights.h) laid out [4 columns][32 rows], so no weight is
+// ever decoded to f32; every tile of tokens then runs over every panel.
+#pragma once
+#include <cstdint>
+
+#include "backends/cpu/dot.h"
+#include "backends/cpu/int8_dot.h"
+#include "backends/cpu/thread_pool.h"
+#include "weight.h"
+
+namespace afm::cpu {
+
+// Whether int8_gemm has kernels for `isa` on this CPU (AVX-512 VNNI; other ISAs take the f32 GEMM).
+bool int8_gemm_supported(Isa isa);
+
+// out (x.rows rows of w.rows floats) = x @ w^T for BFP8 / BFP4 weights and x quantized by
+// quantize_int8_rows: per block, the integer sum of the products, times x's block scale and the
+// weight block's 2^exponent, summed in f32. The int8 dot kernels' numerics, summed in another
+// order. Throws afm::Error for another format or when !int8_gemm_supported(isa).
+void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool, Isa isa = best_isa());
+
+}  // namespace afm::cpu

@@ -1,0 +1,52 @@
+// A 16 x 16 transpose of 32-bit words in AVX-512 registers: how the GEMMs pack weight rows into
+// column-major panels. Only moves bits, so it serves f32 values and int8 quads alike.
+#pragma once
+#include <cstdint>
+
+#include "backends/cpu/simd.h"
+
+#ifdef AFM_X86
+namespace afm::cpu {
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's AVX-512 headers (see dot.cpp)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// Transposes a 16 x 16 tile of 32-bit words: row r of `src` (stride src_stride) becomes column r
+// of `dst` (stride dst_stride).
+AFM_AVX512 inline void transpose16(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * src_stride);
+  for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of words
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks of words
+    for (int j = 0; j < 2; j++) {
+      const __m512d a = _mm512_castps_pd(t[i + j]), b = _mm512_castps_pd(t[i + j + 2]);
+      r[i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[i + j + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  }
+  // Lanes of 128 bits now hold 4 x 4 transposed blocks; reorder the blocks across vectors.
+  for (int i = 0; i < 4; i++) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);        // 128-bit lanes 0, 2 of each
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);    // lanes 1, 3
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; i++) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+  // r[j] now holds, for j = 4a + b, rows in the order the unpacks left them: word order fix-up.
+  static constexpr int kOrder[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+  for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + i * dst_stride, r[kOrder[i]]);
+}
+
+#pragma GCC diagnostic pop
+
+}  // namespace afm::cpu
+#endif

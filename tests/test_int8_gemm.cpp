@@ -1,0 +1,124 @@
+// The int8 GEMM (int8_gemm.h) against a double-precision product of the exact block-float
+// weights with the dequantized activations (q * scale), on shapes that leave partial panels,
+// token tiles, column slices and blocks; and the parallel quantizer against the serial one.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "backends/cpu/int8_gemm.h"
+#include "error.h"
+#include "support/random_weights.h"
+
+using afm::Weight;
+using afm::WeightFormat;
+using afm::cpu::Isa;
+
+namespace {
+
+struct Matrix {
+  std::vector<uint8_t> bytes;
+  std::vector<double> values;  // [rows][cols], exact
+  Weight weight;
+};
+
+Matrix make_matrix(WeightFormat f, int64_t rows, int64_t cols, std::mt19937& rng) {
+  Matrix m;
+  for (int64_t r = 0; r < rows; r++) {
+    const afm::test::Row row = afm::test::make_row(f, cols, rng);
+    m.bytes.insert(m.bytes.end(), row.bytes.begin(), row.bytes.end());
+    m.values.insert(m.values.end(), row.values.begin(), row.values.end());
+  }
+  m.weight.format = f;
+  m.weight.rows = rows;
+  m.weight.cols = cols;
+  m.weight.row_bytes = int64_t(m.bytes.size()) / rows;
+  m.weight.data = m.bytes.data();
+  m.weight.inputs = afm::MatmulInputs::Int8;
+  return m;
+}
+
+std::vector<float> random_activations(int64_t rows, int64_t k, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> scale_exp(-6, 6);
+  std::vector<float> x(rows * k);
+  for (float& v : x) v = normal(rng) * std::ldexp(1.0f, scale_exp(rng));
+  for (int64_t i = 16; i < std::min<int64_t>(32, k); i++) x[i] = 0;  // an all-zero block in row 0
+  return x;
+}
+
+TEST(Int8Gemm, MatchesExactProductOnOddShapes) {
+  if (!afm::cpu::int8_gemm_supported(Isa::Avx512Vnni)) GTEST_SKIP() << "CPU has no AVX-512 VNNI";
+  std::mt19937 rng(11);
+  afm::cpu::ThreadPool pool(2);
+  struct Shape {
+    int64_t tokens, rows, cols;
+  };
+  // Rows around the 32-row panels and 256-row blocks, tokens around the 6-token tiles, columns
+  // around the 64-column groups, the 256-column slices and the 16-column blocks.
+  const Shape shapes[] = {{1, 1, 1},     {16, 7, 5},     {13, 33, 17},  {6, 32, 256},  {25, 48, 257},
+                          {7, 100, 513}, {40, 130, 31},  {17, 17, 600}, {5, 64, 1},    {12, 300, 2560},
+                          {2, 600, 64},  {19, 31, 1000}};
+  for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
+    for (const Shape& s : shapes) {
+      const Matrix m = make_matrix(f, s.rows, s.cols, rng);
+      const std::vector<float> x = random_activations(s.tokens, s.cols, rng);
+      afm::cpu::Int8Rows q;
+      afm::cpu::quantize_int8_rows(f, x.data(), s.tokens, s.cols, q, &pool);
+      std::vector<float> out(s.tokens * s.rows + 1, 77.0f);
+      afm::cpu::int8_gemm(m.weight, q, out.data(), pool, Isa::Avx512Vnni);
+      EXPECT_EQ(out.back(), 77.0f) << "wrote past the output";
+      for (int64_t t = 0; t < s.tokens; t++)
+        for (int64_t n = 0; n < s.rows; n++) {
+          double ref = 0, abs_sum = 0;
+          for (int64_t k = 0; k < s.cols; k++) {
+            const double xk = double(q.q[t * q.padded + k]) * q.scale[t * q.padded / 16 + k / 16];
+            ref += m.values[n * s.cols + k] * xk;
+            abs_sum += std::fabs(m.values[n * s.cols + k] * xk);
+          }
+          // Block sums are exact integers; only the f32 scaling and summation round.
+          const double tol = (s.cols / 16 + 4) * 0x1p-22 * abs_sum + 1e-30;
+          ASSERT_NEAR(out[t * s.rows + n], ref, tol) << afm::format_name(f) << " T=" << s.tokens << " N=" << s.rows
+                                                     << " K=" << s.cols << " at t=" << t << " n=" << n;
+        }
+    }
+  }
+}
+
+TEST(Int8Gemm, ParallelQuantizationEqualsSerial) {
+  std::mt19937 rng(4);
+  afm::cpu::ThreadPool pool(2);
+  const int64_t rows = 37, k = 2600;
+  const std::vector<float> x = random_activations(rows, k, rng);
+  afm::cpu::Int8Rows serial, parallel;
+  afm::cpu::quantize_int8_rows(WeightFormat::BFP8, x.data(), rows, k, serial);
+  afm::cpu::quantize_int8_rows(WeightFormat::BFP8, x.data(), rows, k, parallel, &pool);
+  EXPECT_EQ(serial.q, parallel.q);
+  EXPECT_EQ(serial.scale, parallel.scale);
+  EXPECT_EQ(serial.offset_sums, parallel.offset_sums);
+  EXPECT_EQ(serial.block_offset_sums, parallel.block_offset_sums);
+}
+
+TEST(Int8Gemm, RejectsOtherFormatsAndMismatchedActivations) {
+  if (!afm::cpu::int8_gemm_supported(Isa::Avx512Vnni)) GTEST_SKIP() << "CPU has no AVX-512 VNNI";
+  afm::cpu::ThreadPool pool(1);
+  std::mt19937 rng(2);
+  Matrix m = make_matrix(WeightFormat::BFP8, 4, 32, rng);
+  const std::vector<float> x(16 * 48, 1.0f);
+  afm::cpu::Int8Rows q;
+  afm::cpu::quantize_int8_rows(WeightFormat::BFP8, x.data(), 16, 48, q);
+  std::vector<float> out(16 * 4);
+  EXPECT_THROW(afm::cpu::int8_gemm(m.weight, q, out.data(), pool, Isa::Avx512Vnni), afm::Error);  // 48 columns, not 32
+  m.weight.format = WeightFormat::BF16;
+  EXPECT_THROW(afm::cpu::int8_gemm(m.weight, q, out.data(), pool, Isa::Avx512Vnni), afm::Error);
+  EXPECT_THROW(afm::cpu::int8_gemm(m.weight, q, out.data(), pool, Isa::Avx2), afm::Error);
+}
+
+TEST(Int8Gemm, OnlyAvx512VnniHasKernels) {
+  EXPECT_FALSE(afm::cpu::int8_gemm_supported(Isa::Scalar));
+  EXPECT_FALSE(afm::cpu::int8_gemm_supported(Isa::Avx2));
+  EXPECT_FALSE(afm::cpu::int8_gemm_supported(Isa::Avx512));
+}
+
+}  // namespace
