@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "backends/cpu/int8_gemm.h"
 #include "backends/cpu/machine.h"
 #include "support/subprocess.h"
 
@@ -54,9 +55,22 @@ void check_report(const nlohmann::json& j, const std::vector<std::string>& promp
     std::sort(keys.begin(), keys.end());
     EXPECT_EQ(keys, prompt_lens) << keyed;
   }
+  // Against the peak of the instructions prefill runs on.
+  const char* peak = j["prefill_peak"] == "int8 dot" ? "int8_peak_GOPs" : "compute_peak_GFLOPs";
   for (const auto& [len, pct] : j["prefill_pct_of_peak"].items())
-    EXPECT_NEAR(pct.get<double>(), 100 * j["prefill_GFLOPs"][len].get<double>() / j["compute_peak_GFLOPs"].get<double>(),
+    EXPECT_NEAR(pct.get<double>(), 100 * j["prefill_GFLOPs"][len].get<double>() / j[peak].get<double>(),
                 1e-9 * pct.get<double>());
+}
+
+// With int8 activations on block-float weights, prefill runs the int8 GEMM where the CPU has
+// AVX-512 VNNI, and is judged against the int8 dot peak; elsewhere against the f32 FMA peak.
+TEST(BenchCli, Int8PrefillIsJudgedAgainstTheInt8Peak) {
+  const auto run = bench("--config " + kRoot + "/tests/fixtures/tiny-arcee/config.json --weights bfp8 "
+                         "--activations int8 --prompt-lens 16 --gen 2 --context-lens 0 --threads 1 --json");
+  ASSERT_EQ(run.status, 0) << run.out;
+  const auto j = nlohmann::json::parse(run.out);
+  check_report(j, {"16"});
+  EXPECT_EQ(j["prefill_peak"], afm::cpu::int8_gemm_supported(afm::cpu::best_isa()) ? "int8 dot" : "f32 FMA");
 }
 
 TEST(BenchCli, JsonReportOnRandomWeights) {

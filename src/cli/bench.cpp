@@ -1,7 +1,9 @@
 // afm bench: prefill and decode speed of a model, judged against the ceilings of the same machine
 // measured in the same run (backends/cpu/machine.h): decode against the memory-bandwidth floor,
-// prefill against the f32 FMA peak. With --config it builds random weights of that shape in
-// memory, so AFM-4.5B can be measured without its checkpoint.
+// prefill against the peak of the instructions its matmuls run on (f32 FMA, or the int8 dot
+// instruction for block-float weights with --activations int8 where the int8 GEMM runs). With
+// --config it builds random weights of that shape in memory, so AFM-4.5B can be measured without
+// its checkpoint.
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -15,6 +17,7 @@
 #include <vector>
 
 #include "backends/cpu/dot.h"
+#include "backends/cpu/int8_gemm.h"
 #include "backends/cpu/machine.h"
 #include "cli/common.h"
 #include "error.h"
@@ -222,13 +225,18 @@ void run(BenchFlags flags) {
       {"compute_peak_GFLOPs", fma.all_threads}, {"compute_peak_per_thread_GFLOPs", fma.per_thread},
       {"compute_isa", fma.isa}, {"int8_peak_GOPs", int8.all_threads}, {"int8_peak_per_thread_GOPs", int8.per_thread},
       {"int8_isa", int8.isa}, {"matmul_weight_bytes", weight_bytes}, {"gen", flags.gen}};
+  const bool int8_prefill = flags.model.activations == "int8" && (weights == "bfp8" || weights == "bfp4") &&
+                            cpu::int8_gemm_supported(cpu::best_isa());
+  const cpu::Peak& prefill_peak = int8_prefill ? int8 : fma;
+  const std::string prefill_peak_name = int8_prefill ? "int8 dot" : "f32 FMA";
+  out["prefill_peak"] = prefill_peak_name;
   for (size_t i = 0; i < flags.prompt_lens.size(); i++) {
     const std::string key = std::to_string(flags.prompt_lens[i]);
     const double tok_per_s = flags.prompt_lens[i] / prefill[i].seconds;
     const double gflops = prefill_flops(c, flags.prompt_lens[i]) / prefill[i].seconds / 1e9;
     out["prefill_tok_per_s"][key] = tok_per_s;
     out["prefill_GFLOPs"][key] = gflops;
-    out["prefill_pct_of_peak"][key] = 100 * gflops / fma.all_threads;
+    out["prefill_pct_of_peak"][key] = 100 * gflops / prefill_peak.all_threads;
     out["prefill_runs"][key] = prefill[i].runs;
   }
   struct DecodeRow {
@@ -269,7 +277,8 @@ void run(BenchFlags flags) {
               bandwidth, fma.all_threads, fma.isa.c_str(), fma.per_thread, int8.all_threads, int8.isa.c_str(),
               int8.per_thread);
   std::printf("\nprefill  (median of runs after a warm-up; FLOPs = 2 x multiply-adds of the matmuls per token, lm_head\n"
-              "         once, causal attention included; %% of the f32 FMA peak, as afm's matmuls accumulate in f32)\n");
+              "         once, causal attention included; %% of the %s peak, the instructions its matmuls run on)\n",
+              prefill_peak_name.c_str());
   std::printf("  %8s %10s %10s %8s %5s\n", "prompt", "tok/s", "GFLOP/s", "% peak", "runs");
   for (size_t i = 0; i < flags.prompt_lens.size(); i++) {
     const std::string key = std::to_string(flags.prompt_lens[i]);
