@@ -18,27 +18,7 @@ using afm::cpu::Isa;
 
 namespace {
 
-struct Matrix {
-  std::vector<uint8_t> bytes;
-  std::vector<double> values;  // [rows][cols], exact
-  Weight weight;
-};
-
-Matrix make_matrix(WeightFormat f, int64_t rows, int64_t cols, bool bf16_inputs, std::mt19937& rng) {
-  Matrix m;
-  for (int64_t r = 0; r < rows; r++) {
-    const afm::test::Row row = afm::test::make_row(f, cols, rng);
-    m.bytes.insert(m.bytes.end(), row.bytes.begin(), row.bytes.end());
-    m.values.insert(m.values.end(), row.values.begin(), row.values.end());
-  }
-  m.weight.format = f;
-  m.weight.rows = rows;
-  m.weight.cols = cols;
-  m.weight.row_bytes = int64_t(m.bytes.size()) / rows;
-  m.weight.data = m.bytes.data();
-  m.weight.inputs = bf16_inputs ? afm::MatmulInputs::BF16 : afm::MatmulInputs::F32;
-  return m;
-}
+using afm::test::Matrix;
 
 class GemmIsa : public testing::TestWithParam<Isa> {};
 
@@ -59,7 +39,8 @@ TEST_P(GemmIsa, MatchesExactProductOnOddShapes) {
     for (bool bf16_inputs : {false, true}) {
       if (f == WeightFormat::F16 && bf16_inputs) continue;  // f16 weights are only ever kept as the file's
       for (const Shape& s : shapes) {
-        const Matrix m = make_matrix(f, s.rows, s.cols, bf16_inputs, rng);
+        const Matrix m = afm::test::make_matrix(
+            f, s.rows, s.cols, bf16_inputs ? afm::MatmulInputs::BF16 : afm::MatmulInputs::F32, rng);
         std::vector<float> x(s.tokens * s.cols);
         for (float& v : x) v = bf16_inputs ? afm::round_to_bf16(normal(rng)) : normal(rng);
         std::vector<float> out(s.tokens * s.rows + 1, 77.0f);
@@ -90,7 +71,7 @@ INSTANTIATE_TEST_SUITE_P(Gemm, GemmIsa, testing::ValuesIn(afm::cpu::kAllIsas),
 TEST(Gemm, ScalarIsaHasNoKernels) {
   EXPECT_FALSE(afm::cpu::gemm_supported(Isa::Scalar));
   std::mt19937 rng(1);
-  const Matrix m = make_matrix(WeightFormat::F32, 2, 2, false, rng);
+  const Matrix m = afm::test::make_matrix(WeightFormat::F32, 2, 2, afm::MatmulInputs::F32, rng);
   afm::cpu::ThreadPool pool(1);
   std::vector<float> x(4), out(4);
   EXPECT_THROW(afm::cpu::gemm(m.weight, x.data(), 2, out.data(), pool, Isa::Scalar), afm::Error);

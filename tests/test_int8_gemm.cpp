@@ -17,27 +17,7 @@ using afm::cpu::Isa;
 
 namespace {
 
-struct Matrix {
-  std::vector<uint8_t> bytes;
-  std::vector<double> values;  // [rows][cols], exact
-  Weight weight;
-};
-
-Matrix make_matrix(WeightFormat f, int64_t rows, int64_t cols, std::mt19937& rng) {
-  Matrix m;
-  for (int64_t r = 0; r < rows; r++) {
-    const afm::test::Row row = afm::test::make_row(f, cols, rng);
-    m.bytes.insert(m.bytes.end(), row.bytes.begin(), row.bytes.end());
-    m.values.insert(m.values.end(), row.values.begin(), row.values.end());
-  }
-  m.weight.format = f;
-  m.weight.rows = rows;
-  m.weight.cols = cols;
-  m.weight.row_bytes = int64_t(m.bytes.size()) / rows;
-  m.weight.data = m.bytes.data();
-  m.weight.inputs = afm::MatmulInputs::Int8;
-  return m;
-}
+using afm::test::Matrix;
 
 std::vector<float> random_activations(int64_t rows, int64_t k, std::mt19937& rng) {
   std::normal_distribution<float> normal;
@@ -62,7 +42,7 @@ TEST(Int8Gemm, MatchesExactProductOnOddShapes) {
                           {2, 600, 64},  {19, 31, 1000}};
   for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
     for (const Shape& s : shapes) {
-      const Matrix m = make_matrix(f, s.rows, s.cols, rng);
+      const Matrix m = afm::test::make_matrix(f, s.rows, s.cols, afm::MatmulInputs::Int8, rng);
       const std::vector<float> x = random_activations(s.tokens, s.cols, rng);
       afm::cpu::Int8Rows q;
       afm::cpu::quantize_int8_rows(f, x.data(), s.tokens, s.cols, q, &pool);
@@ -104,7 +84,7 @@ TEST(Int8Gemm, RejectsOtherFormatsAndMismatchedActivations) {
   if (!afm::cpu::int8_gemm_supported(Isa::Avx512Vnni)) GTEST_SKIP() << "CPU has no AVX-512 VNNI";
   afm::cpu::ThreadPool pool(1);
   std::mt19937 rng(2);
-  Matrix m = make_matrix(WeightFormat::BFP8, 4, 32, rng);
+  Matrix m = afm::test::make_matrix(WeightFormat::BFP8, 4, 32, afm::MatmulInputs::Int8, rng);
   const std::vector<float> x(16 * 48, 1.0f);
   afm::cpu::Int8Rows q;
   afm::cpu::quantize_int8_rows(WeightFormat::BFP8, x.data(), 16, 48, q);

@@ -7,7 +7,7 @@ the wall time of the round), TTFT p50/p99 (request sent -> first streamed chunk)
 prefix-cache speed-up: the TTFT of a request whose --prefix-tokens-token system prompt is cached
 against the same request cold. Standard library only.
 
-    bench/serve/serve_bench.py --afm build/afm [--model DIR] [--weights bfp8] \
+    bench/serve/serve_bench.py --afm build/afm [--model DIR] [--weights bfp8] [--activations int8] \
         [--concurrency 1,4,16,32] [--gen 32] [--prompt-tokens 32] [--prefix-tokens 1000] [--json]
 
 --synthetic-tokenizer makes a model folder without a tokenizer usable (a random checkpoint of
@@ -107,6 +107,7 @@ def main():
     ap.add_argument("--afm", default=os.path.join(ROOT, "build/afm"))
     ap.add_argument("--model", default=os.path.join(ROOT, "models/afm-tiny-austen"))
     ap.add_argument("--weights", default="bfp8")
+    ap.add_argument("--activations", default="bf16", choices=["bf16", "int8"])
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--concurrency", default="1,4,16,32")
     ap.add_argument("--gen", type=int, default=32)
@@ -119,7 +120,8 @@ def main():
     model = synthetic_tokenizer_folder(args.model) if args.synthetic_tokenizer else args.model
 
     ctx = max(2048, args.prefix_tokens + args.prompt_tokens + args.gen + 64)
-    cmd = [args.afm, "serve", "--port", "0", "--model", model, "--weights", args.weights, "--max-batch", str(max(levels)),
+    cmd = [args.afm, "serve", "--port", "0", "--model", model, "--weights", args.weights,
+           "--activations", args.activations, "--max-batch", str(max(levels)),
            "--max-queue", str(max(levels)), "--ctx", str(ctx)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -130,7 +132,7 @@ def main():
             sys.exit(f"the server did not start: {line!r}")
         port = int(line.rsplit(":", 1)[1])
         base = tokenize(port, TEXT * 40)
-        report = {"model": args.model, "weights": args.weights, "gen": args.gen, "prompt_tokens": args.prompt_tokens,
+        report = {"model": args.model, "weights": args.weights, "activations": args.activations, "gen": args.gen, "prompt_tokens": args.prompt_tokens,
                   "concurrency": {}}
         stream_completion(port, base[: args.prompt_tokens], 2, {})  # warm-up
         round_index = 0

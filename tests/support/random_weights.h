@@ -1,5 +1,5 @@
 // Random weight rows in every format, with the exact value of each stored weight computed
-// independently of the kernels: the inputs of the kernel tests (test_dot, test_gemm).
+// independently of the kernels: the inputs of the kernel tests (test_dot, test_gemm, test_int8_gemm).
 #pragma once
 #include <bit>
 #include <cmath>
@@ -74,6 +74,30 @@ inline Row make_row(WeightFormat f, int64_t k, std::mt19937& rng) {
     }
   }
   return row;
+}
+
+// A matrix of make_row rows: the bytes, the exact values, and a Weight over the bytes that reads
+// its matmul inputs as `inputs`.
+struct Matrix {
+  std::vector<uint8_t> bytes;
+  std::vector<double> values;  // [rows][cols]
+  Weight weight;
+};
+
+inline Matrix make_matrix(WeightFormat f, int64_t rows, int64_t cols, MatmulInputs inputs, std::mt19937& rng) {
+  Matrix m;
+  for (int64_t r = 0; r < rows; r++) {
+    const Row row = make_row(f, cols, rng);
+    m.bytes.insert(m.bytes.end(), row.bytes.begin(), row.bytes.end());
+    m.values.insert(m.values.end(), row.values.begin(), row.values.end());
+  }
+  m.weight.format = f;
+  m.weight.rows = rows;
+  m.weight.cols = cols;
+  m.weight.row_bytes = int64_t(m.bytes.size()) / rows;
+  m.weight.data = m.bytes.data();
+  m.weight.inputs = inputs;
+  return m;
 }
 
 }  // namespace afm::test

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "backends/cpu/simd.h"
-#include "backends/cpu/transpose.h"
+#include "backends/cpu/panels.h"
 #include "error.h"
 
 namespace afm::cpu {
@@ -70,18 +70,8 @@ AFM_AVX512 void micro_avx512(const float* x, int64_t x_stride, const float* pane
       acc[t][1] = _mm512_fmadd_ps(w1, b, acc[t][1]);
     }
   }
-  const __mmask16 m0 = rows >= 16 ? 0xFFFF : __mmask16((1u << rows) - 1);
-  const __mmask16 m1 = rows >= 32 ? 0xFFFF : rows <= 16 ? 0 : __mmask16((1u << (rows - 16)) - 1);
 #pragma GCC unroll 12
-  for (int t = 0; t < Tokens; t++) {
-    float* o = out + t * out_stride;
-    if (accumulate) {
-      acc[t][0] = _mm512_add_ps(acc[t][0], _mm512_maskz_loadu_ps(m0, o));
-      acc[t][1] = _mm512_add_ps(acc[t][1], _mm512_maskz_loadu_ps(m1, o + 16));
-    }
-    _mm512_mask_storeu_ps(o, m0, acc[t][0]);
-    _mm512_mask_storeu_ps(o + 16, m1, acc[t][1]);
-  }
+  for (int t = 0; t < Tokens; t++) store_panel_row(out + t * out_stride, acc[t][0], acc[t][1], rows, accumulate);
 }
 
 AFM_AVX512 void pack_avx512(const float* src, int64_t stride, int64_t columns, int64_t panel_rows, float* dst) {

@@ -15,7 +15,7 @@
 
 #include "backends/cpu/int8_weights.h"
 #include "backends/cpu/simd.h"
-#include "backends/cpu/transpose.h"
+#include "backends/cpu/panels.h"
 #include "blockfloat.h"
 #include "error.h"
 
@@ -79,18 +79,8 @@ AFM_AVX512_VNNI void micro(const XTile& x, const uint8_t* panel, const float* ex
       acc[t][1] = _mm512_fmadd_ps(_mm512_scalef_ps(_mm512_cvtepi32_ps(sum[t][1]), e1), xs, acc[t][1]);
     }
   }
-  const __mmask16 m0 = rows >= 16 ? 0xFFFF : __mmask16((1u << rows) - 1);
-  const __mmask16 m1 = rows >= 32 ? 0xFFFF : rows <= 16 ? 0 : __mmask16((1u << (rows - 16)) - 1);
 #pragma GCC unroll 6
-  for (int t = 0; t < Tokens; t++) {
-    float* o = out + t * out_stride;
-    if (accumulate) {
-      acc[t][0] = _mm512_add_ps(acc[t][0], _mm512_maskz_loadu_ps(m0, o));
-      acc[t][1] = _mm512_add_ps(acc[t][1], _mm512_maskz_loadu_ps(m1, o + 16));
-    }
-    _mm512_mask_storeu_ps(o, m0, acc[t][0]);
-    _mm512_mask_storeu_ps(o + 16, m1, acc[t][1]);
-  }
+  for (int t = 0; t < Tokens; t++) store_panel_row(out + t * out_stride, acc[t][0], acc[t][1], rows, accumulate);
 }
 
 // Packs columns [k0, k0 + groups * 64) of `rows` (<= 32) weight rows, the first at `w_row`, into
@@ -105,10 +95,20 @@ AFM_AVX512_VNNI void pack(const uint8_t* w_row, int64_t row_bytes, int64_t rows,
   for (int64_t r = 0; r < kPanelRows; r++)
     for (int64_t b = 0; b < 4 * groups; b++)
       exponents[b * kPanelRows + r] = r < rows && b0 + b < blocks ? float(w_row[r * row_bytes + b0 + b]) - bias : 0.0f;
+  // Rows lie row_bytes apart, more streams than the hardware prefetcher follows: each load also
+  // fetches the same row's bytes for the next slice, which this thread packs after a whole pass of
+  // the tokens over this one.
+  constexpr int64_t kGroupBytes = 4 * BF::payload_bytes, kNextSlice = kDepth / kInt8Group * kGroupBytes;
+  for (int64_t r = 0; r < rows; r++)
+    _mm_prefetch(reinterpret_cast<const char*>(w_row + r * row_bytes + b0 + kDepth / kBlockFloatBlock), _MM_HINT_T1);
   for (int64_t g = 0; g < groups; g++) {
     for (int64_t r = 0; r < kPanelRows; r++) {
-      const __m512i v = r < rows ? load_offset_weights<BF>(w_row + r * row_bytes + blocks, g0 + g, blocks - 4 * (g0 + g))
-                                 : _mm512_setzero_si512();
+      const uint8_t* payloads = w_row + r * row_bytes + blocks;
+      __m512i v = _mm512_setzero_si512();
+      if (r < rows) {
+        v = load_offset_weights<BF>(payloads, g0 + g, blocks - 4 * (g0 + g));
+        _mm_prefetch(reinterpret_cast<const char*>(payloads + (g0 + g) * kGroupBytes + kNextSlice), _MM_HINT_T1);
+      }
       _mm512_store_si512(staged[r], v);
     }
     // Word c of row r goes to quad (16 g + c), lane r.

@@ -1,5 +1,6 @@
-// A 16 x 16 transpose of 32-bit words in AVX-512 registers: how the GEMMs pack weight rows into
-// column-major panels. Only moves bits, so it serves f32 values and int8 quads alike.
+// What the AVX-512 GEMMs (gemm.cpp, int8_gemm.cpp) share about their 32-row panels: the 16 x 16
+// transpose of 32-bit words that packs weight rows into column-major panels (it only moves bits,
+// so it serves f32 values and int8 quads alike), and the store of a micro-kernel's results.
 #pragma once
 #include <cstdint>
 
@@ -44,6 +45,19 @@ AFM_AVX512 inline void transpose16(const float* src, int64_t src_stride, float* 
   // r[j] now holds, for j = 4a + b, rows in the order the unpacks left them: word order fix-up.
   static constexpr int kOrder[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
   for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + i * dst_stride, r[kOrder[i]]);
+}
+
+// Stores one token's sums for a panel's 32 rows (two vectors) at `out`, writing only rows below
+// `rows`, and adding what is there when `accumulate` (a later column slice).
+AFM_AVX512 inline void store_panel_row(float* out, __m512 lo, __m512 hi, int64_t rows, bool accumulate) {
+  const __mmask16 m0 = rows >= 16 ? 0xFFFF : __mmask16((1u << rows) - 1);
+  const __mmask16 m1 = rows >= 32 ? 0xFFFF : rows <= 16 ? 0 : __mmask16((1u << (rows - 16)) - 1);
+  if (accumulate) {
+    lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(m0, out));
+    hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(m1, out + 16));
+  }
+  _mm512_mask_storeu_ps(out, m0, lo);
+  _mm512_mask_storeu_ps(out + 16, m1, hi);
 }
 
 #pragma GCC diagnostic pop
