@@ -3,7 +3,9 @@
 // dequantized activations (q * scale), on awkward lengths and several rows at once.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -76,6 +78,37 @@ TEST_P(Int8QuantizeIsa, RoundsEachBlockWithinHalfAStep) {
 
 INSTANTIATE_TEST_SUITE_P(Int8Quantize, Int8QuantizeIsa, testing::ValuesIn(afm::cpu::kAllIsas),
                          [](const testing::TestParamInfo<Isa>& info) { return afm::cpu::isa_name(info.param); });
+
+// Crafted blocks every ISA must quantize to the same bytes: ties (round half to even), a block
+// too small to scale (zeros), and blocks holding a NaN or an infinity (NaN scale, zero values).
+TEST_P(Int8QuantizeIsa, TiesTinyAndNonFiniteBlocks) {
+  const Isa isa = GetParam();
+  if (!afm::cpu::isa_supported(isa)) GTEST_SKIP() << "CPU has no " << afm::cpu::isa_name(isa);
+  std::vector<float> x(5 * 16, 0.0f);
+  const float ties[] = {127.0f, 0.5f, 1.5f, 2.5f, -2.5f, -0.5f, 126.5f, -127.0f};
+  std::copy(std::begin(ties), std::end(ties), x.begin());
+  for (int i = 16; i < 32; i++) x[i] = 1e-40f * float(i);  // subnormal
+  x[33] = std::numeric_limits<float>::quiet_NaN();
+  x[34] = 1.0f;
+  x[50] = -std::numeric_limits<float>::infinity();
+  x[64] = 3.0f;  // a normal last block after them
+  afm::cpu::Int8Rows q;
+  afm::cpu::quantize_int8_rows(WeightFormat::BFP8, x.data(), 1, 65, q, nullptr, isa);
+  const int8_t expected_ties[] = {127, 0, 2, 2, -2, 0, 126, -127};
+  for (int i = 0; i < 8; i++) EXPECT_EQ(q.q[i], expected_ties[i]) << "value " << ties[i];
+  EXPECT_EQ(q.scale[0], 1.0f);
+  EXPECT_EQ(q.scale[1], 0.0f) << "a subnormal block is zeros";
+  EXPECT_TRUE(std::isnan(q.scale[2]));
+  EXPECT_TRUE(std::isnan(q.scale[3]));
+  EXPECT_EQ(q.scale[4], 3.0f / 127.0f);
+  for (int i = 16; i < 64; i++) EXPECT_EQ(q.q[i], 0) << i;
+  EXPECT_EQ(q.q[64], 127);
+  for (int64_t b = 0; b < q.padded / 16; b++) {
+    int32_t sum = 0;
+    for (int64_t i = 16 * b; i < 16 * b + 16; i++) sum += q.q[i];
+    EXPECT_EQ(q.block_offset_sums[b], -128 * sum) << "block " << b;
+  }
+}
 
 class Int8DotIsa : public testing::TestWithParam<Isa> {};
 

@@ -3,11 +3,14 @@
 // token tiles, column slices and blocks; and the parallel quantizer against the serial one.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
 #include "backends/cpu/int8_gemm.h"
+#include "blockfloat.h"
 #include "error.h"
 #include "support/random_weights.h"
 
@@ -42,7 +45,12 @@ TEST(Int8Gemm, MatchesExactProductOnOddShapes) {
                           {2, 600, 64},  {19, 31, 1000}};
   for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
     for (const Shape& s : shapes) {
-      const Matrix m = afm::test::make_matrix(f, s.rows, s.cols, afm::MatmulInputs::Int8, rng);
+      Matrix m = afm::test::make_matrix(f, s.rows, s.cols, afm::MatmulInputs::Int8, rng);
+      // Row 0's first block all zeros: exponent byte 0, the smallest weight scale.
+      const int64_t blocks = afm::block_float_blocks(s.cols), payload = f == WeightFormat::BFP8 ? 16 : 8;
+      m.bytes[0] = 0;
+      std::fill_n(m.bytes.begin() + blocks, payload, uint8_t(0));
+      std::fill_n(m.values.begin(), std::min<int64_t>(16, s.cols), 0.0);
       const std::vector<float> x = random_activations(s.tokens, s.cols, rng);
       afm::cpu::Int8Rows q;
       afm::cpu::quantize_int8_rows(f, x.data(), s.tokens, s.cols, q, &pool);
@@ -63,6 +71,23 @@ TEST(Int8Gemm, MatchesExactProductOnOddShapes) {
                                                      << " K=" << s.cols << " at t=" << t << " n=" << n;
         }
     }
+  }
+}
+
+TEST(Int8Gemm, NonFiniteActivationsGiveNaN) {
+  if (!afm::cpu::int8_gemm_supported(Isa::Avx512Vnni)) GTEST_SKIP() << "CPU has no AVX-512 VNNI";
+  afm::cpu::ThreadPool pool(1);
+  std::mt19937 rng(8);
+  const Matrix m = afm::test::make_matrix(WeightFormat::BFP8, 8, 64, afm::MatmulInputs::Int8, rng);
+  std::vector<float> x(2 * 64, 0.25f);
+  x[64 + 20] = std::numeric_limits<float>::infinity();
+  afm::cpu::Int8Rows q;
+  afm::cpu::quantize_int8_rows(WeightFormat::BFP8, x.data(), 2, 64, q);
+  std::vector<float> out(2 * 8);
+  afm::cpu::int8_gemm(m.weight, q, out.data(), pool, Isa::Avx512Vnni);
+  for (int n = 0; n < 8; n++) {
+    EXPECT_TRUE(std::isfinite(out[n])) << n;
+    EXPECT_TRUE(std::isnan(out[8 + n])) << n;
   }
 }
 
@@ -93,6 +118,10 @@ TEST(Int8Gemm, RejectsOtherFormatsAndMismatchedActivations) {
   m.weight.format = WeightFormat::BF16;
   EXPECT_THROW(afm::cpu::int8_gemm(m.weight, q, out.data(), pool, Isa::Avx512Vnni), afm::Error);
   EXPECT_THROW(afm::cpu::int8_gemm(m.weight, q, out.data(), pool, Isa::Avx2), afm::Error);
+  m.weight.format = WeightFormat::BFP4;
+  m.weight.cols = 48;
+  EXPECT_THROW(afm::cpu::int8_gemm(m.weight, q, out.data(), pool, Isa::Avx512Vnni), afm::Error)
+      << "activations quantized for bfp8 (offset 128) with bfp4 weights (offset 8)";
 }
 
 TEST(Int8Gemm, OnlyAvx512VnniHasKernels) {

@@ -6,8 +6,8 @@
 # The afm weight format is the one that matches the file's type in bytes per weight
 # (Q8_0 <-> bfp8, Q4_0 <-> bfp4, BF16 <-> bf16); afm converts the tensors to it at load.
 # Extra arguments go to run_llama_cpp.py. Env: PY (the llama-cpp-python venv's python), AFM (the
-# afm binary; copy it elsewhere if build/ may be relinked during the run), OUT (folder for the two
-# JSON files). OMP_WAIT_POLICY=PASSIVE stops llama.cpp's OpenMP threads spin-waiting, much faster
+# afm binary; copy it elsewhere if build/ may be relinked during the run), AFM_ARGS (more afm
+# bench flags, e.g. "--activations int8"), OUT (folder for the two JSON files). OMP_WAIT_POLICY=PASSIVE stops llama.cpp's OpenMP threads spin-waiting, much faster
 # when other jobs share the cores (afm does not use OpenMP).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -37,8 +37,9 @@ afm_ctx=0; [[ $ctx != 0 ]] && afm_ctx=0,$ctx
 echo "load before llama.cpp: $(uptime)" >&2
 "$PY" "$here/run_llama_cpp.py" "$model" "$@" > "$OUT/llama_cpp.json"
 echo "load before afm:       $(uptime)" >&2
+# shellcheck disable=SC2086  # AFM_ARGS is a list of flags
 "$AFM" bench --model "$model" --weights "$weights" --threads 2 --prompt-lens 128,512 --gen 16 --context-lens $afm_ctx \
-  --json > "$OUT/afm.json"
+  ${AFM_ARGS:-} --json > "$OUT/afm.json"
 echo "load after both:       $(uptime)" >&2
 
 "$PY" - "$OUT/llama_cpp.json" "$OUT/afm.json" "$ftype" "$weights" "$ctx" <<'EOF'
@@ -49,7 +50,7 @@ rows += [(f"decode ctx {c} tok/s", l["decode"][c]["tok_per_s"], a["decode"][c]["
          for c in dict.fromkeys(("0", sys.argv[5]))]
 rows += [("load s", l["load_s"], a["load_s"]), ("peak RSS GB", l["rss_GB"], a["rss_GB"])]
 print(f"{sys.argv[3]} (llama-cpp-python {l['llama_cpp_python']}, OMP_WAIT_POLICY {l['omp_wait_policy']}) "
-      f"vs afm --weights {sys.argv[4]}, {l['threads']} threads")
+      f"vs afm --weights {sys.argv[4]} --activations {a['activations']}, {l['threads']} threads")
 print(f"afm: {a['bytes_per_token'] / 1e6:.0f} MB/token, floor {a['floor_tok_per_s']:.2f} tok/s at "
       f"{a['bandwidth_GBps']:.1f} GB/s measured after the runs")
 print(f"| {'measure':<22} | {'llama.cpp':>10} | {'afm':>10} | {'afm/llama.cpp':>13} |")

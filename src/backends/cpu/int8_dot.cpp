@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "backends/cpu/int8_weights.h"
@@ -188,13 +189,23 @@ struct Kernels {
 using QuantizeRowFn = void (*)(const float* in, int64_t k, int32_t offset, int8_t* q, float* scale,
                                int32_t* offset_sums, int32_t* block_offset_sums);
 
+// Blocks whose largest |x| is below this are quantized as zeros: 127 / max would overflow for the
+// smallest normals, and such a block adds under 2^-100 of a weight to any sum.
+constexpr float kTinyBlock = 0x1p-100f;
+
 void quantize_int8_row_scalar(const float* in, int64_t k, int32_t offset, int8_t* q, float* scale,
                               int32_t* offset_sums, int32_t* block_offset_sums) {
   for (int64_t b0 = 0; b0 < k; b0 += kBlockFloatBlock) {
     const int64_t b1 = std::min(k, b0 + kBlockFloatBlock);
     float max_abs = 0;
-    for (int64_t i = b0; i < b1; i++) max_abs = std::max(max_abs, std::fabs(in[i]));
-    if (max_abs == 0) continue;
+    bool finite = true;
+    for (int64_t i = b0; i < b1; i++) {
+      finite = finite && std::isfinite(in[i]);
+      max_abs = std::max(max_abs, std::fabs(in[i]));
+    }
+    // A NaN or infinity makes the block's scale NaN, so every product with it is NaN, as in f32.
+    if (!finite) scale[b0 / kBlockFloatBlock] = std::numeric_limits<float>::quiet_NaN();
+    if (!finite || max_abs < kTinyBlock) continue;
     const float inverse = 127.0f / max_abs;
     for (int64_t i = b0; i < b1; i++) q[i] = int8_t(std::clamp(std::nearbyint(in[i] * inverse), -127.0f, 127.0f));
     scale[b0 / kBlockFloatBlock] = max_abs / 127.0f;
@@ -216,8 +227,12 @@ AFM_AVX512 void quantize_int8_row_avx512(const float* in, int64_t k, int32_t off
   for (int64_t b = 0; b * kBlockFloatBlock < k; b++) {
     const int64_t n = std::min<int64_t>(kBlockFloatBlock, k - b * kBlockFloatBlock);
     const __m512 v = _mm512_maskz_loadu_ps(n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1), in + 16 * b);
+    if (_mm512_fpclass_ps_mask(v, 0x99)) {  // a NaN or an infinity: see the scalar kernel
+      scale[b] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     const float max_abs = _mm512_reduce_max_ps(_mm512_abs_ps(v));
-    if (max_abs == 0) continue;
+    if (max_abs < kTinyBlock) continue;
     const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(127.0f / max_abs)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * b), _mm512_cvtsepi32_epi8(qi));
     scale[b] = max_abs / 127.0f;
@@ -247,6 +262,7 @@ void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64
                         ThreadPool* pool, Isa isa) {
   if (!isa_supported(isa)) throw Error(std::string("int8 activations: this CPU does not support ") + isa_name(isa));
   if (!is_block_float(format)) throw Error("int8 activations: only for bfp8 and bfp4 weights, not " + format_name(format));
+  out.format = format;
   out.rows = rows;
   out.k = k;
   out.padded = std::max<int64_t>(kInt8Group, (k + kInt8Group - 1) / kInt8Group * kInt8Group);
@@ -260,7 +276,7 @@ void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64
   auto quantize = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r++)
       quantize_row(x + r * k, k, offset, out.q.data() + r * out.padded, out.scale.data() + r * blocks,
-                        out.offset_sums.data() + r * out.padded / 4, out.block_offset_sums.data() + r * blocks);
+                   out.offset_sums.data() + r * out.padded / 4, out.block_offset_sums.data() + r * blocks);
   };
   if (pool) pool->parallel_for(rows, 1, rows * k, quantize);
   else quantize(0, rows);

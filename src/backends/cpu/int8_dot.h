@@ -21,12 +21,14 @@ constexpr int64_t kInt8Group = 64;  // int8 values in one 512-bit vector: 4 bloc
 // Rows of activations quantized for one weight format's int8 kernels. Per row of k values,
 // padded with zeros to `padded` (a multiple of kInt8Group):
 //   q[i]         round(x[i] / scale[i / 16]), in -127..127, with scale = max |x| of the block / 127;
-//   scale[b]     0 for a block of zeros;
+//   scale[b]     0 for a block of zeros (or of values all below 2^-100), NaN for a block holding
+//                a NaN or an infinity (its q are 0), so that products with it are NaN as in f32;
 //   offset_sums  -(offset * (q[4j] + ... + q[4j+3])) per 4 values: the kernels that read a weight
 //                as an unsigned byte (its value + offset; offset 128 for bfp8, 8 for bfp4) start
 //                their integer sums from it, which cancels the offset exactly;
 //   block_offset_sums  the same per block of 16 (the GEMM's, int8_gemm.h).
 struct Int8Rows {
+  WeightFormat format = WeightFormat::BFP8;  // the weights whose offset offset_sums cancel
   int64_t rows = 0, k = 0, padded = 0;
   std::vector<int8_t> q;          // [rows][padded]
   std::vector<float> scale;       // [rows][padded / 16]

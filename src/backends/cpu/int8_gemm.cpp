@@ -177,6 +177,9 @@ void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool,
   if (!is_block_float(w.format)) throw Error("int8 gemm: only for bfp8 and bfp4 weights, not " + format_name(w.format));
   if (x.k != w.cols) throw Error("int8 gemm: activations have " + std::to_string(x.k) + " columns, weights " +
                                  std::to_string(w.cols));
+  if (x.format != w.format)
+    throw Error("int8 gemm: activations quantized for " + format_name(x.format) + " weights, not " + format_name(w.format));
+  if (w.rows == 0 || x.rows == 0) return;
 #ifdef AFM_X86
   const PackFn pack_panel = w.format == WeightFormat::BFP8 ? pack<Bfp8> : pack<Bfp4>;
   // Blocks of whole panels, at least one per thread, so both cores have work on narrow matrices.
