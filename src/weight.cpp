@@ -9,7 +9,6 @@
 
 #include "blockfloat.h"
 #include "error.h"
-#include "huge_pages.h"
 #include "numeric.h"
 #include "parallel_for.h"
 
@@ -100,7 +99,7 @@ Weight make_weight(const TensorView& view, WeightFormat target) {
 
   w.format = target;
   w.row_bytes = row_bytes(target, w.cols);
-  std::shared_ptr<uint8_t[]> buffer = huge_page_buffer(w.rows * w.row_bytes);
+  auto buffer = std::shared_ptr<uint8_t[]>(new uint8_t[w.rows * w.row_bytes]);
   auto convert_rows = [&](int64_t begin, int64_t end) {
     std::vector<float> row(w.cols);
     for (int64_t r = begin; r < end; r++) {

@@ -13,7 +13,6 @@
 #include <memory>
 
 #include "backends/cpu/cpu_features.h"
-#include "huge_pages.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -223,10 +222,9 @@ double read_bandwidth_GBps(ThreadPool& pool, int64_t bytes) {
     bytes = std::min(kDefault, std::max(kFloor, free_bytes / 4));
   }
   const int64_t chunks = std::max<int64_t>(1, bytes / kChunk);
-  // In huge pages, as the converted weights are. Written before it is read, so every page is backed
-  // by memory (never-written pages all map to the kernel's zero page, which reads from cache);
-  // written by the threads that later read it.
-  const std::shared_ptr<uint8_t[]> buffer = huge_page_buffer(chunks * kChunk);
+  // Written before it is read, so every page is backed by memory (never-written pages all map to
+  // the kernel's zero page, which reads from cache); written by the threads that later read it.
+  auto buffer = std::unique_ptr<uint8_t[]>(new uint8_t[chunks * kChunk]);
   pool.parallel_for(chunks, 1, [&](int64_t begin, int64_t end) {
     std::memset(buffer.get() + begin * kChunk, 1, (end - begin) * kChunk);
   });
