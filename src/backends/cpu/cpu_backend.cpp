@@ -59,6 +59,8 @@ class CpuBackend final : public Backend {
     const int64_t T = x_in.rows, K = w.cols;
     const bool gemm = T >= cpu::kGemmMinTokens && cpu::gemm_supported(cpu::best_isa());
     const bool int8_gemm = gemm && cpu::int8_gemm_supported(cpu::best_isa());
+    // Int8 inputs take the int8 kernels, but for a prefill on a CPU without the int8 GEMM, which
+    // takes the f32 GEMM on bf16 inputs.
     if (w.inputs == MatmulInputs::Int8 && (int8_gemm || !gemm)) {
       cpu::quantize_int8_rows(w.format, x_in.data, T, K, int8_rows_, &pool_);
       if (int8_gemm) return cpu::int8_gemm(w, int8_rows_, out.data, pool_);
