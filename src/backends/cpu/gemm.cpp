@@ -26,8 +26,6 @@ constexpr int64_t kDepth = 128;           // columns decoded at a time (panel: 1
 constexpr int64_t kBlockRows = 256;       // weight rows a thread decodes at a time (at most)
 constexpr int64_t kTransposeTile = 16;    // panels are packed from 16 x 16 tiles of 32-bit words
 
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
 // A micro-kernel: out[t][r] (+)= sum_{i < depth} x[t][i] * panel[i][r] for t < tokens (its
 // template count) and r < the panel's rows, writing only rows below `rows`.
 using MicroFn = void (*)(const float* x, int64_t x_stride, const float* panel, int64_t depth, float* out,
@@ -171,16 +169,8 @@ void gemm(const Weight& w, const float* x, int64_t T, float* out, ThreadPool& po
   if (!gemm_supported(isa)) throw Error(std::string("gemm: no kernels for ") + isa_name(isa) + " on this CPU");
   const Family f = family(isa);
   const DecodeFn decode = decode_kernel(w.format, isa);
-  // Blocks of whole panels, at least one per thread, so both cores have work on narrow matrices.
-  const int64_t N = w.rows;
-  const int64_t blocks = round_up((N + kBlockRows - 1) / kBlockRows, pool.size());
-  const int64_t block_rows = round_up((N + blocks - 1) / blocks, f.panel_rows);
-  pool.parallel_for((N + block_rows - 1) / block_rows, 1, T * N * w.cols, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; b++) {
-      const int64_t n0 = b * block_rows;
-      gemm_block(w, f, decode, x, T, out, n0, std::min(block_rows, N - n0));
-    }
-  });
+  for_each_row_block(pool, w.rows, f.panel_rows, kBlockRows, T * w.rows * w.cols,
+                     [&](int64_t n0, int64_t rows) { gemm_block(w, f, decode, x, T, out, n0, rows); });
 }
 
 }  // namespace afm::cpu

@@ -29,8 +29,6 @@ constexpr int64_t kBlockRows = 256;    // weight rows a thread packs at a time (
 constexpr int kMaxTokens = 6;          // 4 x 6 accumulators + the panel's vectors fit 32 registers
 constexpr int64_t kQuadBytes = 4 * kPanelRows;  // one panel's 4 columns
 
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
 // A tile's view of the quantized activations: tokens t0.. and the slice's first column.
 struct XTile {
   const int8_t* q;            // token t's values: q + t * q_stride
@@ -182,16 +180,8 @@ void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool,
   if (w.rows == 0 || x.rows == 0) return;
 #ifdef AFM_X86
   const PackFn pack_panel = w.format == WeightFormat::BFP8 ? pack<Bfp8> : pack<Bfp4>;
-  // Blocks of whole panels, at least one per thread, so both cores have work on narrow matrices.
-  const int64_t N = w.rows;
-  const int64_t blocks = round_up((N + kBlockRows - 1) / kBlockRows, pool.size());
-  const int64_t block_rows = round_up((N + blocks - 1) / blocks, kPanelRows);
-  pool.parallel_for((N + block_rows - 1) / block_rows, 1, x.rows * N * w.cols, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; b++) {
-      const int64_t n0 = b * block_rows;
-      gemm_block(w, pack_panel, x, out, n0, std::min(block_rows, N - n0));
-    }
-  });
+  for_each_row_block(pool, w.rows, kPanelRows, kBlockRows, x.rows * w.rows * w.cols,
+                     [&](int64_t n0, int64_t rows) { gemm_block(w, pack_panel, x, out, n0, rows); });
 #else
   (void)out;
   (void)pool;

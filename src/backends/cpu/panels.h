@@ -1,10 +1,32 @@
-// What the AVX-512 GEMMs (gemm.cpp, int8_gemm.cpp) share about their 32-row panels: the 16 x 16
-// transpose of 32-bit words that packs weight rows into column-major panels (it only moves bits,
-// so it serves f32 values and int8 quads alike), and the store of a micro-kernel's results.
+// What the GEMMs (gemm.cpp, int8_gemm.cpp) share about their panels of weight rows: how the rows
+// are split over threads, the AVX-512 16 x 16 transpose of 32-bit words that packs rows into
+// column-major panels (it only moves bits, so it serves f32 values and int8 quads alike), and the
+// store of a micro-kernel's results.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include "backends/cpu/simd.h"
+#include "backends/cpu/thread_pool.h"
+
+namespace afm::cpu {
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Splits weight rows [0, n) over the pool into blocks of whole panels, of at most about
+// max_block_rows and at least one per thread (so every core has work on narrow matrices), and
+// calls block(first_row, rows) for each.
+template <class Block>
+void for_each_row_block(ThreadPool& pool, int64_t n, int64_t panel_rows, int64_t max_block_rows,
+                        int64_t multiply_adds, const Block& block) {
+  const int64_t blocks = round_up((n + max_block_rows - 1) / max_block_rows, pool.size());
+  const int64_t block_rows = round_up((n + blocks - 1) / blocks, panel_rows);
+  pool.parallel_for((n + block_rows - 1) / block_rows, 1, multiply_adds, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) block(b * block_rows, std::min(block_rows, n - b * block_rows));
+  });
+}
+
+}  // namespace afm::cpu
 
 #ifdef AFM_X86
 namespace afm::cpu {
