@@ -2,9 +2,11 @@
 // loop, instantiated per weight format from a small "row reader" per format.
 #include "backends/cpu/dot.h"
 
+#include <array>
 #include <bit>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string>
 
 #include "backends/cpu/cpu_features.h"
@@ -343,7 +345,9 @@ Kernels kernels(WeightFormat format, Isa isa) {
 
 }  // namespace
 
-bool isa_supported(Isa isa) {
+namespace {
+
+bool cpu_supports(Isa isa) {
 #ifdef AFM_X86
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
   switch (isa) {
@@ -352,10 +356,23 @@ bool isa_supported(Isa isa) {
     case Isa::Avx512:
       return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    case Isa::Avx512Vnni: return isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vnni");
+    case Isa::Avx512Vnni: return cpu_supports(Isa::Avx512) && __builtin_cpu_supports("avx512vnni");
   }
 #endif
   return isa == Isa::Scalar;
+}
+
+}  // namespace
+
+// Asked by every kernel call (attention per sequence and layer, among others): answered from a
+// table made once.
+bool isa_supported(Isa isa) {
+  static const std::array<bool, std::size(kAllIsas)> supported = [] {
+    std::array<bool, std::size(kAllIsas)> table{};
+    for (Isa i : kAllIsas) table[size_t(i)] = cpu_supports(i);
+    return table;
+  }();
+  return size_t(isa) < supported.size() && supported[size_t(isa)];
 }
 
 const char* isa_name(Isa isa) {
