@@ -37,6 +37,9 @@ class Backend {
   virtual ~Backend() = default;
   virtual Device device() const = 0;
   virtual Tensor tensor(int64_t rows, int64_t cols) = 0;
+  // Each weight once, at load: the backend may lay it out for its own kernels (WeightLayout::Backend)
+  // or move it into its memory. What it returns is what the model passes to the ops.
+  virtual Weight upload(Weight w) { return w; }
 
   // out[t] = table[ids[t]]
   virtual void embedding(const Weight& table, std::span<const int32_t> ids, Tensor& out) = 0;

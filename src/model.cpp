@@ -124,13 +124,13 @@ Weight WeightLoader::matrix(const std::string& name, int64_t rows, int64_t cols,
   // A made-up tensor lives on only in a Weight that points at it; converted, it can go (a tied
   // weight asked for again is made again, with the same values).
   random_.erase(name);
-  return w;
+  return backend_ ? backend_->upload(std::move(w)) : w;
 }
 
 Weight WeightLoader::vector(const std::string& name, int64_t size) {
   Weight w = make_weight(fetch(name, {size}), WeightFormat::F32);
   random_.erase(name);
-  return w;
+  return backend_ ? backend_->upload(std::move(w)) : w;
 }
 
 void WeightLoader::check_all_used() const {

@@ -99,12 +99,12 @@ struct ModelContext {
   std::unique_ptr<Backend> backend;
 };
 
-// Hands out checkpoint tensors by name with their expected shape, and afterwards reports any
-// tensor in the checkpoint that the model never asked for.
+// Hands out checkpoint tensors by name with their expected shape, uploaded to `backend` when
+// given, and afterwards reports any tensor in the checkpoint that the model never asked for.
 class WeightLoader {
  public:
-  explicit WeightLoader(const Checkpoint& checkpoint, const ModelOptions& options = {})
-      : checkpoint_(checkpoint), block_float_inputs_(options.block_float_inputs) {}
+  explicit WeightLoader(const Checkpoint& checkpoint, const ModelOptions& options = {}, Backend* backend = nullptr)
+      : checkpoint_(checkpoint), block_float_inputs_(options.block_float_inputs), backend_(backend) {}
   Weight matrix(const std::string& name, int64_t rows, int64_t cols, WeightFormat format);
   Weight vector(const std::string& name, int64_t size);  // norm weights: always exact
   bool contains(const std::string& name) const { return checkpoint_.contains(name); }
@@ -115,6 +115,7 @@ class WeightLoader {
   const TensorView& make_random(const std::string& name, std::vector<int64_t> shape);
   const Checkpoint& checkpoint_;
   MatmulInputs block_float_inputs_;
+  Backend* backend_;
   std::vector<std::string> used_;
   std::map<std::string, TensorView> random_;  // tensors made up for a random checkpoint
 };

@@ -55,6 +55,7 @@ static int64_t row_bytes(WeightFormat format, int64_t cols) {
 }
 
 void dequantize_row(const Weight& w, int64_t row, float* dst) {
+  if (w.layout != WeightLayout::Rows) throw Error("dequantize_row: the weight is laid out for its backend's kernels");
   const uint8_t* src = w.data + row * w.row_bytes;
   switch (w.format) {
     case WeightFormat::F32: floats_to_f32(DType::F32, src, w.cols, dst); break;
@@ -78,6 +79,13 @@ int64_t weight_bytes(const TensorView& view, WeightFormat target) {
   return rows * row_bytes(mapped_format(view, target).value_or(target), view.shape.back());
 }
 
+void release_file_pages(const void* data, int64_t bytes) {
+  const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (uintptr_t(data) + page - 1) / page * page;
+  const uintptr_t end = (uintptr_t(data) + uintptr_t(bytes)) / page * page;
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 Weight make_weight(const TensorView& view, WeightFormat target) {
   if (view.shape.empty() || view.shape.size() > 2) throw Error(view.describe() + ": expected a vector or a matrix");
   Weight w;
@@ -90,6 +98,7 @@ Weight make_weight(const TensorView& view, WeightFormat target) {
     w.format = *source;
     w.row_bytes = row_bytes(*source, w.cols);
     w.data = view.data;
+    w.file_mapped = view.file_mapped;
     w.owner = view.owner;
     return w;
   }
@@ -120,14 +129,7 @@ Weight make_weight(const TensorView& view, WeightFormat target) {
   // Rows convert independently; a 4.6B-parameter model is worth every core at load. An error in
   // any thread (a non-finite weight) is rethrown here.
   parallel_for(w.rows, 64, convert_rows);
-  // The file's pages of a converted tensor are not needed any more: drop them from this process
-  // (they stay in the page cache), so that loading peaks near the converted model's size.
-  if (view.file_mapped) {
-    const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
-    const uintptr_t begin = (uintptr_t(view.data) + page - 1) / page * page;
-    const uintptr_t end = (uintptr_t(view.data) + uintptr_t(view.nbytes)) / page * page;
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
-  }
+  if (view.file_mapped) release_file_pages(view.data, view.nbytes);
   w.data = buffer.get();
   w.owner = buffer;
   return w;

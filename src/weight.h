@@ -25,16 +25,26 @@ WeightFormat parse_weight_format(const std::string& name);  // "f32", "bf16", "b
 // scale (the int8 dot kernels, backends/cpu/int8_dot.h; a prefill still reads bf16).
 enum class MatmulInputs { F32, BF16, Int8 };
 
+// How a weight's bytes are laid out: as rows (below), or as the backend's upload laid them out for
+// its own kernels (backend.h), which only that backend reads.
+enum class WeightLayout { Rows, Backend };
+
 struct Weight {
   WeightFormat format = WeightFormat::F32;
   int64_t rows = 0, cols = 0;
-  const uint8_t* data = nullptr;            // row r starts at data + r * row_bytes
-  int64_t row_bytes = 0;
+  const uint8_t* data = nullptr;            // Rows: row r starts at data + r * row_bytes
+  int64_t row_bytes = 0;                    // Backend: bytes() / rows, for the bytes a matmul reads
   MatmulInputs inputs = MatmulInputs::F32;
+  WeightLayout layout = WeightLayout::Rows;
+  bool file_mapped = false;                 // data points into a memory-mapped checkpoint
   std::shared_ptr<const void> owner;        // keeps the mapping or the converted buffer alive
 
   int64_t bytes() const { return rows * row_bytes; }
 };
+
+// Drops the pages of a mapped file's range from this process (they stay in the page cache): once
+// a tensor is converted, so that loading peaks near the converted model's size.
+void release_file_pages(const void* data, int64_t bytes);
 
 // Prepare a checkpoint tensor for the kernels. F32 keeps the file's dtype (bf16 and f16 widen to
 // f32 exactly in the kernels) and so does a target equal to it: both point into the mapping.
@@ -45,7 +55,7 @@ Weight make_weight(const TensorView& view, WeightFormat target);
 // converted rows. What a memory budget counts before loading.
 int64_t weight_bytes(const TensorView& view, WeightFormat target);
 
-// Row `row` of w as f32 values (embedding lookups, norm weights, tests).
+// Row `row` of w as f32 values (embedding lookups, norm weights, tests); w's layout is Rows.
 void dequantize_row(const Weight& w, int64_t row, float* dst);
 
 }  // namespace afm

@@ -25,9 +25,9 @@ struct DecoderWeights {
 };
 
 DecoderWeights load_weights(const ModelConfig& c, const Checkpoint& checkpoint, const ModelOptions& options,
-                            MlpKind mlp) {
+                            MlpKind mlp, Backend& backend) {
   const WeightFormat format = options.weights;
-  WeightLoader load(checkpoint, options);
+  WeightLoader load(checkpoint, options, &backend);
   const int64_t hidden = c.hidden_size, ffn = c.intermediate_size;
   const int64_t q_dim = c.num_heads * c.head_dim, kv_dim = c.num_kv_heads * c.head_dim;
   DecoderWeights w;
@@ -60,7 +60,7 @@ class Decoder final : public Model {
       : Model(context),
         mlp_(mlp),
         backend_(std::move(context.backend)),
-        weights_(load_weights(config_, context.checkpoint, context.options, mlp)),
+        weights_(load_weights(config_, context.checkpoint, context.options, mlp, *backend_)),
         rope_(rope_tables(rope_frequencies(config_.rope, config_.head_dim), max_seq_len_)) {
     matmul_weight_bytes_ = weights_.lm_head.bytes();
     for (const LayerWeights& l : weights_.layers)

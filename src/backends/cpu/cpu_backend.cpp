@@ -33,6 +33,15 @@ class CpuBackend final : public Backend {
     return t;
   }
 
+  // bfp8 for int8 activations is packed for the int8 GEMM once, here, where the CPU has it: every
+  // matmul then streams its panels, whatever the tokens (decode included), and packs nothing.
+  Weight upload(Weight w) override {
+    if (w.format == WeightFormat::BFP8 && w.inputs == MatmulInputs::Int8 && w.layout == WeightLayout::Rows &&
+        cpu::int8_gemm_supported(cpu::best_isa()))
+      return cpu::int8_panels(w, pool_);
+    return w;
+  }
+
   void embedding(const Weight& table, std::span<const int32_t> ids, Tensor& out) override {
     for (size_t t = 0; t < ids.size(); t++) {
       if (ids[t] < 0 || ids[t] >= table.rows)
@@ -58,7 +67,8 @@ class CpuBackend final : public Backend {
   void linear(const Tensor& x_in, const Weight& w, Tensor& out) override {
     const int64_t T = x_in.rows, K = w.cols;
     const bool gemm = T >= cpu::kGemmMinTokens && cpu::gemm_supported(cpu::best_isa());
-    const bool int8_gemm = gemm && cpu::int8_gemm_supported(cpu::best_isa());
+    // Weights upload packed take it for any T.
+    const bool int8_gemm = w.layout == WeightLayout::Backend || (gemm && cpu::int8_gemm_supported(cpu::best_isa()));
     // Int8 inputs take the int8 kernels, but for a prefill on a CPU without the int8 GEMM, which
     // takes the f32 GEMM on bf16 inputs.
     if (w.inputs == MatmulInputs::Int8 && (int8_gemm || !gemm)) {

@@ -4,10 +4,14 @@
 // micro-kernel keeps a tile of up to 6 tokens x 32 rows in registers: per 4 columns it loads the
 // panel's 2 vectors and broadcasts each token's 4 int8 values, 2 `vpdpbusd` per broadcast; at
 // the end of each block it converts the integer sums and adds them, scaled, into f32 sums.
+//
+// bfp8 weights uploaded for int8 activations are packed once, at load (int8_panels): every panel
+// of the matrix in one buffer, so a matmul reads its weights as one stream and packs nothing.
 #include "backends/cpu/int8_gemm.h"
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -116,9 +120,57 @@ AFM_AVX512_VNNI void pack(const uint8_t* w_row, int64_t row_bytes, int64_t rows,
   }
 }
 
-#pragma GCC diagnostic pop
+// The packed layout of int8_panels: panel p (weight rows 32 p to 32 p + 31, zeros past the last)
+// is its quads for all `padded` columns, [padded / 4][32 rows][4 bytes], then its exponent bytes
+// as stored, [padded / 16][32 rows].
+int64_t panel_bytes(int64_t padded) { return padded * kPanelRows + padded / kBlockFloatBlock * kPanelRows; }
+
+// Panel p of w (rows 32 p.., as many as are left) into `panel`.
+AFM_AVX512_VNNI void pack_whole_panel(const Weight& w, int64_t p, int64_t padded, uint8_t* panel) {
+  const int64_t blocks = block_float_blocks(w.cols), rows = std::min(kPanelRows, w.rows - p * kPanelRows);
+  const uint8_t* w_row = w.data + p * kPanelRows * w.row_bytes;
+  thread_local std::vector<float> float_exponents;  // what pack also gives, unused here
+  float_exponents.resize(padded / kBlockFloatBlock * kPanelRows);
+  pack<Bfp8>(w_row, w.row_bytes, rows, blocks, 0, padded / kInt8Group, panel, float_exponents.data());
+  uint8_t* exponents = panel + padded * kPanelRows;
+  for (int64_t b = 0; b < padded / kBlockFloatBlock; b++)
+    for (int64_t r = 0; r < kPanelRows; r++)
+      exponents[b * kPanelRows + r] = r < rows && b < blocks ? w_row[r * w.row_bytes + b] : 0;
+}
 
 using MicroFn = void (*)(const XTile&, const uint8_t*, const float*, int64_t, float*, int64_t, int64_t, bool);
+
+// One thread's work on weight rows [n0, n0 + rows) of int8_panels' weights, panel by panel: each
+// slice's exponents widened to floats, then every tile of tokens over it (the slice stays in L1).
+// The same micro-kernel calls as gemm_block's, so the same sums in the same order.
+AFM_AVX512_VNNI void gemm_panels(const Weight& w, const MicroFn* micro, const Int8Rows& x, float* out, int64_t n0,
+                                 int64_t rows) {
+  const int64_t N = w.rows, x_blocks = x.padded / kBlockFloatBlock;
+  const __m512 bias = _mm512_set1_ps(float(127 + Bfp8::mag_bits - 1));
+  alignas(64) float exponents[kDepth / kBlockFloatBlock * kPanelRows];
+  for (int64_t r0 = n0; r0 < n0 + rows; r0 += kPanelRows) {
+    const uint8_t* panel = w.data + r0 / kPanelRows * panel_bytes(x.padded);
+    const uint8_t* stored_exponents = panel + x.padded * kPanelRows;
+    for (int64_t k0 = 0; k0 < x.padded; k0 += kDepth) {
+      const int64_t blocks = std::min(kDepth, x.padded - k0) / kBlockFloatBlock;
+      for (int64_t i = 0; i < blocks * kPanelRows; i += 16) {
+        const __m128i bytes = _mm_loadu_si128(
+            reinterpret_cast<const __m128i*>(stored_exponents + k0 / kBlockFloatBlock * kPanelRows + i));
+        _mm512_store_ps(exponents + i, _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), bias));
+      }
+      for (int64_t t0 = 0; t0 < x.rows; t0 += kMaxTokens) {
+        const int tokens = int(std::min<int64_t>(kMaxTokens, x.rows - t0));
+        const XTile tile{x.q.data() + t0 * x.padded + k0, x.scale.data() + t0 * x_blocks + k0 / kBlockFloatBlock,
+                         x.block_offset_sums.data() + t0 * x_blocks + k0 / kBlockFloatBlock, x.padded, x_blocks};
+        micro[tokens - 1](tile, panel + k0 * kPanelRows, exponents, blocks, out + t0 * N + r0, N,
+                          std::min(kPanelRows, N - r0), k0 > 0);
+      }
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+
 using PackFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, uint8_t*, float*);
 
 template <size_t... I>
@@ -179,12 +231,44 @@ void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool,
     throw Error("int8 gemm: activations quantized for " + format_name(x.format) + " weights, not " + format_name(w.format));
   if (w.rows == 0 || x.rows == 0) return;
 #ifdef AFM_X86
+  if (w.layout == WeightLayout::Backend) {
+    for_each_row_block(pool, w.rows, kPanelRows, kBlockRows, x.rows * w.rows * w.cols,
+                       [&](int64_t n0, int64_t rows) { gemm_panels(w, kMicro.data(), x, out, n0, rows); });
+    return;
+  }
   const PackFn pack_panel = w.format == WeightFormat::BFP8 ? pack<Bfp8> : pack<Bfp4>;
   for_each_row_block(pool, w.rows, kPanelRows, kBlockRows, x.rows * w.rows * w.cols,
                      [&](int64_t n0, int64_t rows) { gemm_block(w, pack_panel, x, out, n0, rows); });
 #else
   (void)out;
   (void)pool;
+#endif
+}
+
+Weight int8_panels(const Weight& w, ThreadPool& pool, Isa isa) {
+  if (!int8_gemm_supported(isa)) throw Error(std::string("int8 panels: no kernels for ") + isa_name(isa) + " on this CPU");
+  if (w.format != WeightFormat::BFP8 || w.layout != WeightLayout::Rows)
+    throw Error("int8 panels: only for bfp8 weights laid out as rows, not " + format_name(w.format));
+#ifdef AFM_X86
+  const int64_t padded = std::max<int64_t>(kInt8Group, round_up(w.cols, kInt8Group));
+  const int64_t panels = (w.rows + kPanelRows - 1) / kPanelRows, bytes = panels * panel_bytes(padded);
+  std::shared_ptr<uint8_t> buffer(static_cast<uint8_t*>(std::aligned_alloc(64, round_up(std::max<int64_t>(bytes, 1), 64))),
+                                  std::free);
+  if (!buffer) throw Error("int8 panels: out of memory for " + std::to_string(bytes) + " bytes");
+  pool.parallel_for(panels, 1, bytes, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) pack_whole_panel(w, p, padded, buffer.get() + p * panel_bytes(padded));
+  });
+  if (w.file_mapped) release_file_pages(w.data, w.bytes());
+  Weight packed = w;
+  packed.data = buffer.get();
+  packed.row_bytes = padded + padded / kBlockFloatBlock;  // a row's share of its panel
+  packed.layout = WeightLayout::Backend;
+  packed.file_mapped = false;
+  packed.owner = std::move(buffer);
+  return packed;
+#else
+  (void)pool;
+  return w;
 #endif
 }
 
