@@ -60,15 +60,13 @@ TEST(Int8Gemm, MatchesExactProductOnOddShapes) {
       std::vector<float> out(s.tokens * s.rows + 1, 77.0f);
       afm::cpu::int8_gemm(m.weight, q, out.data(), pool, Isa::Avx512Vnni);
       EXPECT_EQ(out.back(), 77.0f) << "wrote past the output";
-      if (f == WeightFormat::BFP8) {
-        // Packed at load, the same micro-kernel calls in the same order: the same floats.
-        const Weight packed = afm::cpu::int8_panels(m.weight, pool, Isa::Avx512Vnni);
-        EXPECT_EQ(packed.layout, afm::WeightLayout::Backend);
-        EXPECT_EQ(packed.bytes(), s.rows * (afm::cpu::round_up(s.cols, 64) / 16 * 17));
-        std::vector<float> from_panels(out.size(), 77.0f);
-        afm::cpu::int8_gemm(packed, q, from_panels.data(), pool, Isa::Avx512Vnni);
-        ASSERT_EQ(from_panels, out) << "T=" << s.tokens << " N=" << s.rows << " K=" << s.cols;
-      }
+      // Packed at load, the same micro-kernel calls in the same order: the same floats.
+      const Weight packed = afm::cpu::int8_panels(m.weight, pool, Isa::Avx512Vnni);
+      EXPECT_EQ(packed.layout, afm::WeightLayout::Backend);
+      EXPECT_EQ(packed.bytes(), s.rows * (afm::cpu::round_up(s.cols, 64) / 16 * (payload + 1)));
+      std::vector<float> from_panels(out.size(), 77.0f);
+      afm::cpu::int8_gemm(packed, q, from_panels.data(), pool, Isa::Avx512Vnni);
+      ASSERT_EQ(from_panels, out) << afm::format_name(f) << " T=" << s.tokens << " N=" << s.rows << " K=" << s.cols;
       for (int64_t t = 0; t < s.tokens; t++)
         for (int64_t n = 0; n < s.rows; n++) {
           double ref = 0, abs_sum = 0;
@@ -86,33 +84,36 @@ TEST(Int8Gemm, MatchesExactProductOnOddShapes) {
   }
 }
 
-// The CPU backend packs bfp8 weights for int8 activations as it uploads them, where the CPU has
-// the int8 GEMM, and its linear then takes the GEMM for any number of tokens; other weights stay
-// rows, and nothing reads packed weights as rows.
-TEST(Int8Gemm, TheCpuBackendPacksBfp8ForInt8ActivationsAtUpload) {
+// The CPU backend packs block-float weights for int8 activations as it uploads them, where the
+// CPU has the int8 GEMM, and its linear then takes the GEMM for any number of tokens; other
+// weights stay rows, and nothing reads packed weights as rows.
+TEST(Int8Gemm, TheCpuBackendPacksBlockFloatForInt8ActivationsAtUpload) {
   if (!afm::cpu::int8_gemm_supported(afm::cpu::best_isa())) GTEST_SKIP() << "CPU has no AVX-512 VNNI";
   std::mt19937 rng(5);
   afm::cpu::ThreadPool pool(2);
   const auto backend = afm::make_backend(afm::Device::cpu(), 2);
   const int64_t rows = 70, cols = 300;
-  const Matrix m = afm::test::make_matrix(WeightFormat::BFP8, rows, cols, afm::MatmulInputs::Int8, rng);
-  const Weight uploaded = backend->upload(m.weight);
-  ASSERT_EQ(uploaded.layout, afm::WeightLayout::Backend);
-  float row[cols];
-  EXPECT_THROW(afm::dequantize_row(uploaded, 0, row), afm::Error);
-  EXPECT_THROW(afm::cpu::int8_panels(uploaded, pool), afm::Error);
-  for (int64_t tokens : {1, 3, 20}) {
-    const std::vector<float> x = random_activations(tokens, cols, rng);
-    afm::Tensor in = backend->tensor(tokens, cols), out = backend->tensor(tokens, rows);
-    std::copy(x.begin(), x.end(), in.data);
-    backend->linear(in, uploaded, out);
-    afm::cpu::Int8Rows q;
-    afm::cpu::quantize_int8_rows(WeightFormat::BFP8, x.data(), tokens, cols, q);
-    std::vector<float> want(tokens * rows);
-    afm::cpu::int8_gemm(m.weight, q, want.data(), pool);
-    EXPECT_EQ(std::vector<float>(out.data, out.data + tokens * rows), want) << tokens << " tokens";
+  for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
+    const Matrix m = afm::test::make_matrix(f, rows, cols, afm::MatmulInputs::Int8, rng);
+    const Weight uploaded = backend->upload(m.weight);
+    ASSERT_EQ(uploaded.layout, afm::WeightLayout::Backend);
+    float row[cols];
+    EXPECT_THROW(afm::dequantize_row(uploaded, 0, row), afm::Error);
+    EXPECT_THROW(afm::cpu::int8_panels(uploaded, pool), afm::Error);
+    for (int64_t tokens : {1, 3, 20}) {
+      const std::vector<float> x = random_activations(tokens, cols, rng);
+      afm::Tensor in = backend->tensor(tokens, cols), out = backend->tensor(tokens, rows);
+      std::copy(x.begin(), x.end(), in.data);
+      backend->linear(in, uploaded, out);
+      afm::cpu::Int8Rows q;
+      afm::cpu::quantize_int8_rows(f, x.data(), tokens, cols, q);
+      std::vector<float> want(tokens * rows);
+      afm::cpu::int8_gemm(m.weight, q, want.data(), pool);
+      EXPECT_EQ(std::vector<float>(out.data, out.data + tokens * rows), want)
+          << afm::format_name(f) << ", " << tokens << " tokens";
+    }
   }
-  for (auto [format, inputs] : {std::pair{WeightFormat::BFP4, afm::MatmulInputs::Int8},
+  for (auto [format, inputs] : {std::pair{WeightFormat::BF16, afm::MatmulInputs::BF16},
                                 std::pair{WeightFormat::BFP8, afm::MatmulInputs::BF16}}) {
     const Matrix other = afm::test::make_matrix(format, rows, cols, inputs, rng);
     EXPECT_EQ(backend->upload(other.weight).layout, afm::WeightLayout::Rows) << afm::format_name(format);

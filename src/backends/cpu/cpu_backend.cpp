@@ -11,6 +11,7 @@
 #include "backends/cpu/int8_dot.h"
 #include "backends/cpu/int8_gemm.h"
 #include "backends/cpu/thread_pool.h"
+#include "blockfloat.h"
 #include "error.h"
 #include "numeric.h"
 
@@ -33,10 +34,11 @@ class CpuBackend final : public Backend {
     return t;
   }
 
-  // bfp8 for int8 activations is packed for the int8 GEMM once, here, where the CPU has it: every
-  // matmul then streams its panels, whatever the tokens (decode included), and packs nothing.
+  // Block-float weights for int8 activations are packed for the int8 GEMM once, here, where the
+  // CPU has it: every matmul then streams its panels, whatever the tokens (decode included), and
+  // packs nothing.
   Weight upload(Weight w) override {
-    if (w.format == WeightFormat::BFP8 && w.inputs == MatmulInputs::Int8 && w.layout == WeightLayout::Rows &&
+    if (is_block_float(w.format) && w.inputs == MatmulInputs::Int8 && w.layout == WeightLayout::Rows &&
         cpu::int8_gemm_supported(cpu::best_isa()))
       return cpu::int8_panels(w, pool_);
     return w;

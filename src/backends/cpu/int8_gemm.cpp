@@ -5,8 +5,9 @@
 // panel's 2 vectors and broadcasts each token's 4 int8 values, 2 `vpdpbusd` per broadcast; at
 // the end of each block it converts the integer sums and adds them, scaled, into f32 sums.
 //
-// bfp8 weights uploaded for int8 activations are packed once, at load (int8_panels): every panel
-// of the matrix in one buffer, so a matmul reads its weights as one stream and packs nothing.
+// bfp8 and bfp4 weights uploaded for int8 activations are packed once, at load (int8_panels):
+// every panel of the matrix in one buffer, so a matmul reads its weights as one stream and packs
+// nothing.
 #include "backends/cpu/int8_gemm.h"
 
 #include <algorithm>
@@ -48,10 +49,13 @@ struct XTile {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // out[t][r] (+)= the tile's sums over `blocks` blocks of the panel, for t < Tokens and rows below
-// `rows`.
-template <int Tokens>
+// `rows`. A Nibbles panel (bfp4 packed at load) holds two quads per 128 bytes, the even one in
+// the low nibbles.
+template <int Tokens, bool Nibbles>
 AFM_AVX512_VNNI void micro(const XTile& x, const uint8_t* panel, const float* exponents, int64_t blocks, float* out,
                            int64_t out_stride, int64_t rows, bool accumulate) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512i pair0 = _mm512_setzero_si512(), pair1 = _mm512_setzero_si512();
   __m512 acc[Tokens][2];
 #pragma GCC unroll 6
   for (int t = 0; t < Tokens; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
@@ -61,8 +65,20 @@ AFM_AVX512_VNNI void micro(const XTile& x, const uint8_t* panel, const float* ex
     for (int t = 0; t < Tokens; t++) sum[t][0] = sum[t][1] = _mm512_set1_epi32(x.offsets[t * x.block_stride + b]);
 #pragma GCC unroll 4
     for (int s = 0; s < 4; s++) {
-      const uint8_t* quad = panel + (4 * b + s) * kQuadBytes;
-      const __m512i w0 = _mm512_loadu_si512(quad), w1 = _mm512_loadu_si512(quad + 64);
+      __m512i w0, w1;
+      if constexpr (Nibbles) {
+        if (s % 2 == 0) {
+          const uint8_t* pair = panel + (2 * b + s / 2) * kQuadBytes;
+          pair0 = _mm512_loadu_si512(pair), pair1 = _mm512_loadu_si512(pair + 64);
+          w0 = _mm512_and_si512(pair0, nibble), w1 = _mm512_and_si512(pair1, nibble);
+        } else {
+          w0 = _mm512_and_si512(_mm512_srli_epi16(pair0, 4), nibble);
+          w1 = _mm512_and_si512(_mm512_srli_epi16(pair1, 4), nibble);
+        }
+      } else {
+        const uint8_t* quad = panel + (4 * b + s) * kQuadBytes;
+        w0 = _mm512_loadu_si512(quad), w1 = _mm512_loadu_si512(quad + 64);
+      }
 #pragma GCC unroll 6
       for (int t = 0; t < Tokens; t++) {
         int32_t four;
@@ -121,18 +137,33 @@ AFM_AVX512_VNNI void pack(const uint8_t* w_row, int64_t row_bytes, int64_t rows,
 }
 
 // The packed layout of int8_panels: panel p (weight rows 32 p to 32 p + 31, zeros past the last)
-// is its quads for all `padded` columns, [padded / 4][32 rows][4 bytes], then its exponent bytes
-// as stored, [padded / 16][32 rows].
-int64_t panel_bytes(int64_t padded) { return padded * kPanelRows + padded / kBlockFloatBlock * kPanelRows; }
+// is its quads for all `padded` columns, [padded / 4][32 rows][4 bytes] (bfp4: two quads in the
+// nibbles of one, [padded / 8][32 rows][4 bytes]), then its exponent bytes as stored,
+// [padded / 16][32 rows].
+template <class BF>
+int64_t quad_bytes(int64_t padded) { return padded * kPanelRows * BF::payload_bytes / kBlockFloatBlock; }
+template <class BF>
+int64_t panel_bytes(int64_t padded) { return quad_bytes<BF>(padded) + padded / kBlockFloatBlock * kPanelRows; }
 
 // Panel p of w (rows 32 p.., as many as are left) into `panel`.
+template <class BF>
 AFM_AVX512_VNNI void pack_whole_panel(const Weight& w, int64_t p, int64_t padded, uint8_t* panel) {
   const int64_t blocks = block_float_blocks(w.cols), rows = std::min(kPanelRows, w.rows - p * kPanelRows);
   const uint8_t* w_row = w.data + p * kPanelRows * w.row_bytes;
   thread_local std::vector<float> float_exponents;  // what pack also gives, unused here
+  thread_local std::vector<uint8_t> byte_quads;     // bfp4's a byte per weight, before pairing
   float_exponents.resize(padded / kBlockFloatBlock * kPanelRows);
-  pack<Bfp8>(w_row, w.row_bytes, rows, blocks, 0, padded / kInt8Group, panel, float_exponents.data());
-  uint8_t* exponents = panel + padded * kPanelRows;
+  if constexpr (BF::mag_bits == 7) {
+    pack<BF>(w_row, w.row_bytes, rows, blocks, 0, padded / kInt8Group, panel, float_exponents.data());
+  } else {
+    byte_quads.resize(padded * kPanelRows);
+    pack<BF>(w_row, w.row_bytes, rows, blocks, 0, padded / kInt8Group, byte_quads.data(), float_exponents.data());
+    for (int64_t pair = 0; pair < padded / 8; pair++)
+      for (int64_t i = 0; i < kQuadBytes; i++)
+        panel[pair * kQuadBytes + i] = uint8_t(byte_quads[2 * pair * kQuadBytes + i] |
+                                               byte_quads[(2 * pair + 1) * kQuadBytes + i] << 4);
+  }
+  uint8_t* exponents = panel + quad_bytes<BF>(padded);
   for (int64_t b = 0; b < padded / kBlockFloatBlock; b++)
     for (int64_t r = 0; r < kPanelRows; r++)
       exponents[b * kPanelRows + r] = r < rows && b < blocks ? w_row[r * w.row_bytes + b] : 0;
@@ -140,17 +171,41 @@ AFM_AVX512_VNNI void pack_whole_panel(const Weight& w, int64_t p, int64_t padded
 
 using MicroFn = void (*)(const XTile&, const uint8_t*, const float*, int64_t, float*, int64_t, int64_t, bool);
 
+template <bool Nibbles, size_t... I>
+constexpr std::array<MicroFn, sizeof...(I)> micro_table(std::index_sequence<I...>) {
+  return {micro<int(I) + 1, Nibbles>...};
+}
+constexpr auto kMicro = micro_table<false>(std::make_index_sequence<kMaxTokens>());
+constexpr auto kNibbleMicro = micro_table<true>(std::make_index_sequence<kMaxTokens>());
+
+// `pairs` pairs of quads from a Nibbles panel into `quads`, a byte per weight.
+AFM_AVX512_VNNI void split_nibbles(const uint8_t* pairs_in, int64_t pairs, uint8_t* quads) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int64_t i = 0; i < pairs * kQuadBytes; i += 64) {
+    const __m512i both = _mm512_loadu_si512(pairs_in + i);
+    const int64_t pair = i / kQuadBytes, half = i % kQuadBytes;
+    _mm512_store_si512(quads + 2 * pair * kQuadBytes + half, _mm512_and_si512(both, nibble));
+    _mm512_store_si512(quads + (2 * pair + 1) * kQuadBytes + half,
+                       _mm512_and_si512(_mm512_srli_epi16(both, 4), nibble));
+  }
+}
+
 // One thread's work on weight rows [n0, n0 + rows) of int8_panels' weights, panel by panel: each
 // slice's exponents widened to floats, then every tile of tokens over it (the slice stays in L1).
-// The same micro-kernel calls as gemm_block's, so the same sums in the same order.
-AFM_AVX512_VNNI void gemm_panels(const Weight& w, const MicroFn* micro, const Int8Rows& x, float* out, int64_t n0,
-                                 int64_t rows) {
+// A bfp4 slice that more than one tile reads is split into bytes first, once. The same
+// micro-kernel calls as gemm_block's, so the same sums in the same order.
+template <class BF>
+AFM_AVX512_VNNI void gemm_panels(const Weight& w, const Int8Rows& x, float* out, int64_t n0, int64_t rows) {
+  constexpr bool kNibbles = BF::mag_bits != 7;
+  const bool split = kNibbles && x.rows > kMaxTokens;
+  const MicroFn* micro = kNibbles && !split ? kNibbleMicro.data() : kMicro.data();
   const int64_t N = w.rows, x_blocks = x.padded / kBlockFloatBlock;
-  const __m512 bias = _mm512_set1_ps(float(127 + Bfp8::mag_bits - 1));
+  const __m512 bias = _mm512_set1_ps(float(127 + BF::mag_bits - 1));
   alignas(64) float exponents[kDepth / kBlockFloatBlock * kPanelRows];
+  alignas(64) uint8_t split_quads[kNibbles ? kDepth * kPanelRows : 1];
   for (int64_t r0 = n0; r0 < n0 + rows; r0 += kPanelRows) {
-    const uint8_t* panel = w.data + r0 / kPanelRows * panel_bytes(x.padded);
-    const uint8_t* stored_exponents = panel + x.padded * kPanelRows;
+    const uint8_t* panel = w.data + r0 / kPanelRows * panel_bytes<BF>(x.padded);
+    const uint8_t* stored_exponents = panel + quad_bytes<BF>(x.padded);
     for (int64_t k0 = 0; k0 < x.padded; k0 += kDepth) {
       const int64_t blocks = std::min(kDepth, x.padded - k0) / kBlockFloatBlock;
       for (int64_t i = 0; i < blocks * kPanelRows; i += 16) {
@@ -158,11 +213,16 @@ AFM_AVX512_VNNI void gemm_panels(const Weight& w, const MicroFn* micro, const In
             reinterpret_cast<const __m128i*>(stored_exponents + k0 / kBlockFloatBlock * kPanelRows + i));
         _mm512_store_ps(exponents + i, _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), bias));
       }
+      const uint8_t* quads = panel + quad_bytes<BF>(k0);
+      if (split) {
+        split_nibbles(quads, 2 * blocks, split_quads);
+        quads = split_quads;
+      }
       for (int64_t t0 = 0; t0 < x.rows; t0 += kMaxTokens) {
         const int tokens = int(std::min<int64_t>(kMaxTokens, x.rows - t0));
         const XTile tile{x.q.data() + t0 * x.padded + k0, x.scale.data() + t0 * x_blocks + k0 / kBlockFloatBlock,
                          x.block_offset_sums.data() + t0 * x_blocks + k0 / kBlockFloatBlock, x.padded, x_blocks};
-        micro[tokens - 1](tile, panel + k0 * kPanelRows, exponents, blocks, out + t0 * N + r0, N,
+        micro[tokens - 1](tile, quads, exponents, blocks, out + t0 * N + r0, N,
                           std::min(kPanelRows, N - r0), k0 > 0);
       }
     }
@@ -173,11 +233,6 @@ AFM_AVX512_VNNI void gemm_panels(const Weight& w, const MicroFn* micro, const In
 
 using PackFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, uint8_t*, float*);
 
-template <size_t... I>
-constexpr std::array<MicroFn, sizeof...(I)> micro_table(std::index_sequence<I...>) {
-  return {micro<int(I) + 1>...};
-}
-constexpr auto kMicro = micro_table(std::make_index_sequence<kMaxTokens>());
 
 // One thread's work on weight rows [n0, n0 + rows): pack, multiply, slice by slice.
 void gemm_block(const Weight& w, PackFn pack_panel, const Int8Rows& x, float* out, int64_t n0, int64_t rows) {
@@ -232,8 +287,10 @@ void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool,
   if (w.rows == 0 || x.rows == 0) return;
 #ifdef AFM_X86
   if (w.layout == WeightLayout::Backend) {
-    for_each_row_block(pool, w.rows, kPanelRows, kBlockRows, x.rows * w.rows * w.cols,
-                       [&](int64_t n0, int64_t rows) { gemm_panels(w, kMicro.data(), x, out, n0, rows); });
+    for_each_row_block(pool, w.rows, kPanelRows, kBlockRows, x.rows * w.rows * w.cols, [&](int64_t n0, int64_t rows) {
+      if (w.format == WeightFormat::BFP8) gemm_panels<Bfp8>(w, x, out, n0, rows);
+      else gemm_panels<Bfp4>(w, x, out, n0, rows);
+    });
     return;
   }
   const PackFn pack_panel = w.format == WeightFormat::BFP8 ? pack<Bfp8> : pack<Bfp4>;
@@ -247,21 +304,24 @@ void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool,
 
 Weight int8_panels(const Weight& w, ThreadPool& pool, Isa isa) {
   if (!int8_gemm_supported(isa)) throw Error(std::string("int8 panels: no kernels for ") + isa_name(isa) + " on this CPU");
-  if (w.format != WeightFormat::BFP8 || w.layout != WeightLayout::Rows)
-    throw Error("int8 panels: only for bfp8 weights laid out as rows, not " + format_name(w.format));
+  if (!is_block_float(w.format) || w.layout != WeightLayout::Rows)
+    throw Error("int8 panels: only for bfp8 and bfp4 weights laid out as rows, not " + format_name(w.format));
 #ifdef AFM_X86
+  const bool bfp8 = w.format == WeightFormat::BFP8;
   const int64_t padded = std::max<int64_t>(kInt8Group, round_up(w.cols, kInt8Group));
-  const int64_t panels = (w.rows + kPanelRows - 1) / kPanelRows, bytes = panels * panel_bytes(padded);
+  const int64_t per_panel = bfp8 ? panel_bytes<Bfp8>(padded) : panel_bytes<Bfp4>(padded);
+  const int64_t panels = (w.rows + kPanelRows - 1) / kPanelRows, bytes = panels * per_panel;
   std::shared_ptr<uint8_t> buffer(static_cast<uint8_t*>(std::aligned_alloc(64, round_up(std::max<int64_t>(bytes, 1), 64))),
                                   std::free);
   if (!buffer) throw Error("int8 panels: out of memory for " + std::to_string(bytes) + " bytes");
   pool.parallel_for(panels, 1, bytes, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; p++) pack_whole_panel(w, p, padded, buffer.get() + p * panel_bytes(padded));
+    for (int64_t p = p0; p < p1; p++)
+      (bfp8 ? pack_whole_panel<Bfp8> : pack_whole_panel<Bfp4>)(w, p, padded, buffer.get() + p * per_panel);
   });
   if (w.file_mapped) release_file_pages(w.data, w.bytes());
   Weight packed = w;
   packed.data = buffer.get();
-  packed.row_bytes = padded + padded / kBlockFloatBlock;  // a row's share of its panel
+  packed.row_bytes = per_panel / kPanelRows;  // a row's share of its panel
   packed.layout = WeightLayout::Backend;
   packed.file_mapped = false;
   packed.owner = std::move(buffer);

@@ -25,10 +25,10 @@ bool int8_gemm_supported(Isa isa);
 // of tokens, from panels packed at load.
 void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool, Isa isa = best_isa());
 
-// bfp8 rows re-laid out, once, as every panel int8_gemm would pack, in one buffer (the rows'
-// file pages released when mapped): a matmul then streams its weights in order and packs nothing.
-// The same bytes per weight as the rows. bfp4 stays as rows: its panels would hold a byte per
-// weight, twice its size. Throws afm::Error for another format or layout, or when
+// bfp8 / bfp4 rows re-laid out, once, as every panel int8_gemm would pack, in one buffer (the
+// rows' file pages released when mapped): a matmul then streams its weights in order and packs
+// nothing. The same bytes per weight as the rows: bfp4 keeps two weights per byte, and its
+// micro-kernel splits them. Throws afm::Error for another format or layout, or when
 // !int8_gemm_supported(isa).
 Weight int8_panels(const Weight& w, ThreadPool& pool, Isa isa = best_isa());
 
