@@ -5,6 +5,8 @@
 
 #include <chrono>
 #include <cstdio>
+#include <map>
+#include <string>
 #include <thread>
 
 #include <httplib.h>
@@ -119,10 +121,17 @@ class Server {
     const size_t threads = size_t(options_.scheduler.max_batch + options_.scheduler.max_queue) + 8;
     http_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
     http_.set_payload_max_length(options_.max_body_bytes);
-    // httplib's own refusals (404, 413, 400 on a malformed request line) get OpenAI's error shape.
-    http_.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
+    // httplib's own refusals (404, 413, 400 on a malformed request line) get OpenAI's error shape;
+    // a path asked with a method it does not have gets 405 and Allow (RFC 9110), not 404.
+    http_.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
       if (!res.body.empty()) return;
+      const auto route = allowed_methods_.find(req.path);
+      if (res.status == 404 && route != allowed_methods_.end()) {
+        res.status = 405;
+        res.set_header("Allow", route->second);
+      }
       const std::string message = res.status == 404   ? "no endpoint " + req.method + " " + req.path
+                                  : res.status == 405 ? req.path + " takes " + route->second + ", not " + req.method
                                   : res.status == 413 ? "the request body is too large"
                                                       : "the request was refused (HTTP " + std::to_string(res.status) + ")";
       send_error(res, res.status, message, {}, error_type(res.status));
@@ -138,36 +147,44 @@ class Server {
       send_error(res, 500, message, {}, "server_error");
     });
 
-    http_.Get("/health", [](const httplib::Request&, httplib::Response& res) {
+    route("GET", "/health", [](const httplib::Request&, httplib::Response& res) {
       res.set_content(R"({"status":"ok"})", "application/json");
     });
-    http_.Get("/openapi.json", [](const httplib::Request&, httplib::Response& res) {
+    route("GET", "/openapi.json", [](const httplib::Request&, httplib::Response& res) {
       res.set_content(kOpenApiJson, sizeof kOpenApiJson - 1, "application/json");
     });
-    http_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    route("GET", "/metrics", [this](const httplib::Request&, httplib::Response& res) {
       res.set_content(metrics_.render(scheduler_.gauges()), "text/plain; version=0.0.4");
     });
     // The key is checked in the handlers, after httplib has read the body: refusing earlier
     // would leave the body unread on a keep-alive connection, to be taken for the next request.
-    http_.Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
+    route("GET", "/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
       if (!authorized(req, res)) return;
       json model = {{"id", served_.name}, {"object", "model"}, {"created", 0}, {"owned_by", "afm"},
                     {"max_model_len", served_.context_length}};
       res.set_content(dump({{"object", "list"}, {"data", {model}}}), "application/json");
     });
-    http_.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    route("POST", "/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
       if (authorized(req, res)) generate(Endpoint::Completions, req, res);
     });
-    http_.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    route("POST", "/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
       if (authorized(req, res)) generate(Endpoint::Chat, req, res);
     });
-    http_.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) { utility(req, res, Utility::Tokenize); });
-    http_.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) {
+    route("POST", "/tokenize", [this](const httplib::Request& req, httplib::Response& res) { utility(req, res, Utility::Tokenize); });
+    route("POST", "/detokenize", [this](const httplib::Request& req, httplib::Response& res) {
       utility(req, res, Utility::Detokenize);
     });
-    http_.Post("/apply-template", [this](const httplib::Request& req, httplib::Response& res) {
+    route("POST", "/apply-template", [this](const httplib::Request& req, httplib::Response& res) {
       utility(req, res, Utility::ApplyTemplate);
     });
+  }
+
+  // Registers a handler, and its method as one the path allows.
+  void route(const std::string& method, const std::string& path, httplib::Server::Handler handler) {
+    if (method == "GET") http_.Get(path, std::move(handler));
+    else http_.Post(path, std::move(handler));
+    std::string& allowed = allowed_methods_[path];
+    allowed += (allowed.empty() ? "" : ", ") + method;
   }
 
   // llama.cpp's utility endpoints: a JSON object in, a JSON object out.
@@ -265,6 +282,7 @@ class Server {
   ServedModel served_;
   Scheduler scheduler_;
   httplib::Server http_;
+  std::map<std::string, std::string> allowed_methods_;  // path -> "GET" or "POST", as Allow lists them
   std::atomic<bool> stopping_{false}, listener_done_{false};
   std::mutex responses_mutex_;
   std::condition_variable responses_done_;

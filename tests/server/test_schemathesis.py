@@ -188,9 +188,9 @@ schema.config.max_stream_events = 100_000  # read whole streams (the default sto
 schema.config.output.sanitization.enabled = False
 
 ADDITIONAL_CHECKS = [error_body, accepted_if_valid, event_stream]
-# positive_data_acceptance: replaced by accepted_if_valid. unsupported_method: httplib answers a
-# method a path does not have with 404 (400 for TRACE and the like), not 405 with Allow, as the
-# description says.
+# positive_data_acceptance: replaced by accepted_if_valid. unsupported_method: a method a path does
+# not have gets 405 with Allow (test_server.py), but httplib refuses methods it does not know at
+# all, like TRACE, with 400 before any route is looked up.
 EXCLUDED_CHECKS = [openapi_checks.positive_data_acceptance, openapi_checks.unsupported_method]
 
 

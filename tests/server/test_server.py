@@ -503,6 +503,14 @@ def test_unknown_endpoint(server):
     check_raw_error(server.http.get("/v1/nothing-here"), 404, type_=None)
 
 
+def test_a_method_the_endpoint_does_not_have_gets_405_with_allow(server):
+    for r, allow in [(server.http.get("/v1/completions"), "POST"), (server.http.post("/health"), "GET"),
+                     (server.http.delete("/v1/models"), "GET"), (server.http.put("/tokenize"), "POST")]:
+        check_raw_error(r, 405, type_=None)
+        assert r.headers["allow"] == allow, r.headers
+    assert server.http.get("/health").status_code == 200
+
+
 def test_prompt_over_context(start_server, hf_tokenizer):
     ctx = 64
     s = start_server("--weights", "f32", "--ctx", str(ctx))
