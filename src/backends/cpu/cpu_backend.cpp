@@ -69,7 +69,7 @@ class CpuBackend final : public Backend {
   void linear(const Tensor& x_in, const Weight& w, Tensor& out) override {
     const int64_t T = x_in.rows, K = w.cols;
     const bool gemm = T >= cpu::kGemmMinTokens && cpu::gemm_supported(cpu::best_isa());
-    // Weights upload packed take it for any T.
+    // Weights that upload packed take the int8 GEMM for any number of tokens.
     const bool int8_gemm = w.layout == WeightLayout::Backend || (gemm && cpu::int8_gemm_supported(cpu::best_isa()));
     // Int8 inputs take the int8 kernels, but for a prefill on a CPU without the int8 GEMM, which
     // takes the f32 GEMM on bf16 inputs.

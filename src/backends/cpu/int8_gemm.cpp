@@ -102,15 +102,15 @@ AFM_AVX512_VNNI void micro(const XTile& x, const uint8_t* panel, const float* ex
 }
 
 // Packs columns [k0, k0 + groups * 64) of `rows` (<= 32) weight rows, the first at `w_row`, into
-// one panel: its quads ([groups * 16][32 rows] words) and exponents ([groups * 4][32 rows]).
-// Rows past `rows` are zeros (their outputs are never stored).
+// one panel: its quads ([groups * 16][32 rows] words) and, unless null, exponents ([groups * 4]
+// [32 rows]). Rows past `rows` are zeros (their outputs are never stored).
 template <class BF>
 AFM_AVX512_VNNI void pack(const uint8_t* w_row, int64_t row_bytes, int64_t rows, int64_t blocks, int64_t k0,
                           int64_t groups, uint8_t* quads, float* exponents) {
   alignas(64) uint32_t staged[kPanelRows][16];  // one group of every row: 16 words of 4 bytes
   const int64_t g0 = k0 / kInt8Group, b0 = k0 / kBlockFloatBlock;
   const float bias = float(127 + BF::mag_bits - 1);
-  for (int64_t r = 0; r < kPanelRows; r++)
+  for (int64_t r = 0; exponents && r < kPanelRows; r++)
     for (int64_t b = 0; b < 4 * groups; b++)
       exponents[b * kPanelRows + r] = r < rows && b0 + b < blocks ? float(w_row[r * row_bytes + b0 + b]) - bias : 0.0f;
   // Rows lie row_bytes apart, more streams than the hardware prefetcher follows: each load also
@@ -150,14 +150,12 @@ template <class BF>
 AFM_AVX512_VNNI void pack_whole_panel(const Weight& w, int64_t p, int64_t padded, uint8_t* panel) {
   const int64_t blocks = block_float_blocks(w.cols), rows = std::min(kPanelRows, w.rows - p * kPanelRows);
   const uint8_t* w_row = w.data + p * kPanelRows * w.row_bytes;
-  thread_local std::vector<float> float_exponents;  // what pack also gives, unused here
-  thread_local std::vector<uint8_t> byte_quads;     // bfp4's a byte per weight, before pairing
-  float_exponents.resize(padded / kBlockFloatBlock * kPanelRows);
+  thread_local std::vector<uint8_t> byte_quads;  // bfp4's a byte per weight, before pairing
   if constexpr (BF::mag_bits == 7) {
-    pack<BF>(w_row, w.row_bytes, rows, blocks, 0, padded / kInt8Group, panel, float_exponents.data());
+    pack<BF>(w_row, w.row_bytes, rows, blocks, 0, padded / kInt8Group, panel, nullptr);
   } else {
     byte_quads.resize(padded * kPanelRows);
-    pack<BF>(w_row, w.row_bytes, rows, blocks, 0, padded / kInt8Group, byte_quads.data(), float_exponents.data());
+    pack<BF>(w_row, w.row_bytes, rows, blocks, 0, padded / kInt8Group, byte_quads.data(), nullptr);
     for (int64_t pair = 0; pair < padded / 8; pair++)
       for (int64_t i = 0; i < kQuadBytes; i++)
         panel[pair * kQuadBytes + i] = uint8_t(byte_quads[2 * pair * kQuadBytes + i] |
