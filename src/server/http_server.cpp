@@ -126,12 +126,13 @@ class Server {
     http_.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
       if (!res.body.empty()) return;
       const auto route = allowed_methods_.find(req.path);
-      if (res.status == 404 && route != allowed_methods_.end()) {
+      const bool wrong_method = res.status == 404 && route != allowed_methods_.end();
+      if (wrong_method) {
         res.status = 405;
         res.set_header("Allow", route->second);
       }
-      const std::string message = res.status == 404   ? "no endpoint " + req.method + " " + req.path
-                                  : res.status == 405 ? req.path + " takes " + route->second + ", not " + req.method
+      const std::string message = wrong_method        ? req.path + " takes " + route->second + ", not " + req.method
+                                  : res.status == 404 ? "no endpoint " + req.method + " " + req.path
                                   : res.status == 413 ? "the request body is too large"
                                                       : "the request was refused (HTTP " + std::to_string(res.status) + ")";
       send_error(res, res.status, message, {}, error_type(res.status));

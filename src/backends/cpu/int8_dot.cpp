@@ -69,7 +69,7 @@ AFM_AVX512_VNNI void int8_dot_vnni_n(const uint8_t* w_row, const Int8Rows& x, in
   for (int j = 0; j < NX; j++) xr[j] = x_row(x, first + j);
   __m512 acc[NX];
   for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps();
-  const __m512 exponent_bias = _mm512_set1_ps(float(127 + BF::mag_bits - 1));
+  const __m512 exponent_bias = _mm512_set1_ps(kExponentBias<BF>);
   // Lane l of a group's sums belongs to its block l / 4.
   const __m512i block_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   for (int64_t g0 = 0; g0 < groups; g0 += 4) {

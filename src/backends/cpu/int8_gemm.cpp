@@ -101,6 +101,16 @@ AFM_AVX512_VNNI void micro(const XTile& x, const uint8_t* panel, const float* ex
   for (int t = 0; t < Tokens; t++) store_panel_row(out + t * out_stride, acc[t][0], acc[t][1], rows, accumulate);
 }
 
+// The exponent bytes of blocks [b0, b0 + count) of `rows` (<= 32) weight rows as [block][32 rows],
+// each through `convert`; rows past `rows` and blocks past `blocks` get zero.
+template <class T, class Convert>
+void transpose_exponents(const uint8_t* w_row, int64_t row_bytes, int64_t rows, int64_t blocks, int64_t b0,
+                         int64_t count, T* out, Convert convert) {
+  for (int64_t b = 0; b < count; b++)
+    for (int64_t r = 0; r < kPanelRows; r++)
+      out[b * kPanelRows + r] = r < rows && b0 + b < blocks ? convert(w_row[r * row_bytes + b0 + b]) : T(0);
+}
+
 // Packs columns [k0, k0 + groups * 64) of `rows` (<= 32) weight rows, the first at `w_row`, into
 // one panel: its quads ([groups * 16][32 rows] words) and, unless null, exponents ([groups * 4]
 // [32 rows]). Rows past `rows` are zeros (their outputs are never stored).
@@ -109,10 +119,9 @@ AFM_AVX512_VNNI void pack(const uint8_t* w_row, int64_t row_bytes, int64_t rows,
                           int64_t groups, uint8_t* quads, float* exponents) {
   alignas(64) uint32_t staged[kPanelRows][16];  // one group of every row: 16 words of 4 bytes
   const int64_t g0 = k0 / kInt8Group, b0 = k0 / kBlockFloatBlock;
-  const float bias = float(127 + BF::mag_bits - 1);
-  for (int64_t r = 0; exponents && r < kPanelRows; r++)
-    for (int64_t b = 0; b < 4 * groups; b++)
-      exponents[b * kPanelRows + r] = r < rows && b0 + b < blocks ? float(w_row[r * row_bytes + b0 + b]) - bias : 0.0f;
+  if (exponents)
+    transpose_exponents(w_row, row_bytes, rows, blocks, b0, 4 * groups, exponents,
+                        [](uint8_t e) { return float(e) - kExponentBias<BF>; });
   // Rows lie row_bytes apart, more streams than the hardware prefetcher follows: each load also
   // fetches the same row's bytes for the next slice, which this thread packs after a whole pass of
   // the tokens over this one.
@@ -161,10 +170,8 @@ AFM_AVX512_VNNI void pack_whole_panel(const Weight& w, int64_t p, int64_t padded
         panel[pair * kQuadBytes + i] = uint8_t(byte_quads[2 * pair * kQuadBytes + i] |
                                                byte_quads[(2 * pair + 1) * kQuadBytes + i] << 4);
   }
-  uint8_t* exponents = panel + quad_bytes<BF>(padded);
-  for (int64_t b = 0; b < padded / kBlockFloatBlock; b++)
-    for (int64_t r = 0; r < kPanelRows; r++)
-      exponents[b * kPanelRows + r] = r < rows && b < blocks ? w_row[r * w.row_bytes + b] : 0;
+  transpose_exponents(w_row, w.row_bytes, rows, blocks, 0, padded / kBlockFloatBlock, panel + quad_bytes<BF>(padded),
+                      [](uint8_t e) { return e; });
 }
 
 using MicroFn = void (*)(const XTile&, const uint8_t*, const float*, int64_t, float*, int64_t, int64_t, bool);
@@ -198,7 +205,7 @@ AFM_AVX512_VNNI void gemm_panels(const Weight& w, const Int8Rows& x, float* out,
   const bool split = kNibbles && x.rows > kMaxTokens;
   const MicroFn* micro = kNibbles && !split ? kNibbleMicro.data() : kMicro.data();
   const int64_t N = w.rows, x_blocks = x.padded / kBlockFloatBlock;
-  const __m512 bias = _mm512_set1_ps(float(127 + BF::mag_bits - 1));
+  const __m512 bias = _mm512_set1_ps(kExponentBias<BF>);
   alignas(64) float exponents[kDepth / kBlockFloatBlock * kPanelRows];
   alignas(64) uint8_t split_quads[kNibbles ? kDepth * kPanelRows : 1];
   for (int64_t r0 = n0; r0 < n0 + rows; r0 += kPanelRows) {
@@ -230,7 +237,6 @@ AFM_AVX512_VNNI void gemm_panels(const Weight& w, const Int8Rows& x, float* out,
 #pragma GCC diagnostic pop
 
 using PackFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, uint8_t*, float*);
-
 
 // One thread's work on weight rows [n0, n0 + rows): pack, multiply, slice by slice.
 void gemm_block(const Weight& w, PackFn pack_panel, const Int8Rows& x, float* out, int64_t n0, int64_t rows) {

@@ -13,6 +13,11 @@
 #ifdef AFM_X86
 namespace afm::cpu {
 
+// A block's scale for its payload's integers is 2^(exponent byte - this): the byte is an f32
+// exponent field, and the payload's magnitudes carry mag_bits - 1 fraction bits.
+template <class BF>
+inline constexpr float kExponentBias = float(127 + BF::mag_bits - 1);
+
 // Group g's 64 weights of a row (the blocks' payloads start at `payloads`), in order, as
 // value + offset; blocks past the row (blocks_left < 4) read as value 0.
 template <class BF>
