@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 
@@ -86,6 +87,17 @@ void release_file_pages(const void* data, int64_t bytes) {
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
+std::shared_ptr<uint8_t[]> allocate_streamed(int64_t bytes) {
+  constexpr int64_t kHugePage = int64_t(2) << 20, kVector = 64;
+  const int64_t align = bytes >= kHugePage ? kHugePage : kVector;
+  const int64_t size = (std::max<int64_t>(bytes, 1) + align - 1) / align * align;
+  auto* p = static_cast<uint8_t*>(std::aligned_alloc(size_t(align), size_t(size)));
+  if (!p) throw Error("out of memory for " + std::to_string(bytes) + " bytes of weights");
+  // Advice only: where transparent huge pages are off this is a no-op.
+  if (align == kHugePage) madvise(p, size_t(size), MADV_HUGEPAGE);
+  return std::shared_ptr<uint8_t[]>(p, std::free);
+}
+
 Weight make_weight(const TensorView& view, WeightFormat target) {
   if (view.shape.empty() || view.shape.size() > 2) throw Error(view.describe() + ": expected a vector or a matrix");
   Weight w;
@@ -108,7 +120,7 @@ Weight make_weight(const TensorView& view, WeightFormat target) {
 
   w.format = target;
   w.row_bytes = row_bytes(target, w.cols);
-  auto buffer = std::shared_ptr<uint8_t[]>(new uint8_t[w.rows * w.row_bytes]);
+  auto buffer = allocate_streamed(w.rows * w.row_bytes);
   auto convert_rows = [&](int64_t begin, int64_t end) {
     std::vector<float> row(w.cols);
     for (int64_t r = begin; r < end; r++) {

@@ -46,6 +46,13 @@ struct Weight {
 // a tensor is converted, so that loading peaks near the converted model's size.
 void release_file_pages(const void* data, int64_t bytes);
 
+// Uninitialized memory for a big buffer that kernels stream (converted or packed weights, the
+// bandwidth probe). From 2 MiB up it is 2 MiB-aligned and advised for transparent huge pages: a
+// stream then takes a TLB entry per 2 MiB, not per 4 KiB (a miss on a VM is a two-level page walk),
+// which took the int8 decode matmul from about 60% to 78% of the read bandwidth. Throws
+// afm::Error when there is no memory.
+std::shared_ptr<uint8_t[]> allocate_streamed(int64_t bytes);
+
 // Prepare a checkpoint tensor for the kernels. F32 keeps the file's dtype (bf16 and f16 widen to
 // f32 exactly in the kernels) and so does a target equal to it: both point into the mapping.
 // Other targets convert at load. Every target but F32 reads its inputs as bf16.

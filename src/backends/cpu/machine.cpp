@@ -13,6 +13,7 @@
 #include <memory>
 
 #include "backends/cpu/cpu_features.h"
+#include "weight.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -224,7 +225,8 @@ double read_bandwidth_GBps(ThreadPool& pool, int64_t bytes) {
   const int64_t chunks = std::max<int64_t>(1, bytes / kChunk);
   // Written before it is read, so every page is backed by memory (never-written pages all map to
   // the kernel's zero page, which reads from cache); written by the threads that later read it.
-  auto buffer = std::unique_ptr<uint8_t[]>(new uint8_t[chunks * kChunk]);
+  // In the memory that weights are streamed from, so the floor is the same reads' bandwidth.
+  const std::shared_ptr<uint8_t[]> buffer = allocate_streamed(chunks * kChunk);
   pool.parallel_for(chunks, 1, [&](int64_t begin, int64_t end) {
     std::memset(buffer.get() + begin * kChunk, 1, (end - begin) * kChunk);
   });
