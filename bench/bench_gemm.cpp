@@ -1,10 +1,12 @@
 // The prefill matmuls on one thread, on AFM-4.5B's MLP shapes (up [18432, 2560], down
 // [2560, 18432]) cut to 1/8 of their rows: the f32 GEMM (gemm.h) against the f32 FMA peak of one
 // thread measured in the same run (peak_GFLOP/s), and the int8 GEMM (int8_gemm.h, AVX-512 VNNI)
-// against the int8 dot peak (peak_GOP/s; an op is a multiply or an add, as for FLOPs).
+// against the int8 dot peak (peak_GOP/s; an op is a multiply or an add, as for FLOPs); and
+// decode's matvec over packed int8 panels on every core, against the read bandwidth.
 // Args: format (WeightFormat), isa (afm::cpu::Isa), tokens, shape (0 up, 1 down).
 #include <benchmark/benchmark.h>
 
+#include <chrono>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -117,6 +119,43 @@ void Int8Gemm(benchmark::State& state) {
   state.SetLabel(shape == 0 ? "up" : "down");
 }
 
+// Decode's matmul as the model runs it: one token through int8_panels' packed weights, on every
+// core, over a matrix 3.5x the MLP's up projection (175 MB of bfp8, far past the caches), against the read
+// bandwidth of the same pool measured in the same run (read_GB/s, pct_of_read). Args: format.
+void Int8PanelsDecode(benchmark::State& state) {
+  const auto format = WeightFormat(state.range(0));
+  if (!afm::cpu::int8_gemm_supported(afm::cpu::best_isa())) {
+    state.SkipWithError("no int8 gemm kernels on this CPU (needs AVX-512 VNNI)");
+    return;
+  }
+  static afm::cpu::ThreadPool pool(0);
+  const int64_t rows = 7 * 18432 / 2, cols = 2560;
+  Matrix m = make_matrix(format, rows, cols);
+  m.weight.inputs = afm::MatmulInputs::Int8;
+  const afm::Weight packed = afm::cpu::int8_panels(m.weight, pool);
+  std::vector<float> x(cols), out(rows);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal;
+  for (float& v : x) v = normal(rng);
+  afm::cpu::Int8Rows q;
+  afm::cpu::quantize_int8_rows(format, x.data(), 1, cols, q);
+  double seconds = 0;  // timed here, so that the ratio to the read bandwidth can be a counter
+  for (auto _ : state) {
+    const auto start = std::chrono::steady_clock::now();
+    afm::cpu::int8_gemm(packed, q, out.data(), pool);
+    const double call = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    state.SetIterationTime(call);
+    seconds += call;
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double gbps = double(packed.bytes()) * double(state.iterations()) / seconds * 1e-9;
+  const double read = afm::cpu::read_bandwidth_GBps(pool, int64_t(1) << 30);
+  state.counters["GB/s"] = gbps;
+  state.counters["read_GB/s"] = read;
+  state.counters["pct_of_read"] = 100 * gbps / read;
+  state.SetLabel(afm::format_name(format) + ", " + std::to_string(pool.size()) + " threads");
+}
+
 // quantize_int8_rows on one thread: 512 tokens of the down matrix's input.
 void Int8Quantize(benchmark::State& state) {
   const int64_t tokens = 512, cols = 18432;
@@ -142,6 +181,12 @@ BENCHMARK(Gemm)->Apply(Args)->ArgNames({"fmt", "isa", "tokens", "shape"})->Unit(
 BENCHMARK(Int8Gemm)
     ->ArgsProduct({{int(WeightFormat::BFP8), int(WeightFormat::BFP4)}, {4, 8, 16, 128, 512}, {0, 1}})
     ->ArgNames({"fmt", "tokens", "shape"})
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(Int8PanelsDecode)
+    ->Arg(int(WeightFormat::BFP8))
+    ->Arg(int(WeightFormat::BFP4))
+    ->ArgNames({"fmt"})
+    ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(Int8Quantize)->Unit(benchmark::kMillisecond);
 BENCHMARK_MAIN();
