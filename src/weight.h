@@ -21,9 +21,10 @@ WeightFormat parse_weight_format(const std::string& name);  // "f32", "bf16", "b
 
 // What a matmul rounds its activations to before multiplying (accumulation is f32 throughout):
 // nothing (f32 weights, exact), bf16 (the bring-up note's kernels, which read activations in
-// bf16), or, in matrix-vector products with block-float weights, int8 per block of 16 with an f32
-// scale (the int8 dot kernels, backends/cpu/int8_dot.h; a prefill still reads bf16).
-enum class MatmulInputs { F32, BF16, Int8 };
+// bf16), or, with block-float weights, int8 per block of 16 with an f32 scale (the int8 dot
+// kernels and GEMM, backends/cpu/int8_dot.h; a prefill reads bf16 where the CPU lacks the GEMM),
+// or int16 the same way (two int8 halves for the int8 GEMM, where the CPU has it; bf16 elsewhere).
+enum class MatmulInputs { F32, BF16, Int8, Int16 };
 
 // How a weight's bytes are laid out: as rows (below), or as the backend's upload laid them out for
 // its own kernels (backend.h), which only that backend reads.

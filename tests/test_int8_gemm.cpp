@@ -170,6 +170,126 @@ TEST(Int8Gemm, RejectsOtherFormatsAndMismatchedActivations) {
       << "activations quantized for bfp8 (offset 128) with bfp4 weights (offset 8)";
 }
 
+// int16 activations (quantize_int16_rows): every value rebuilt from its two halves is within half
+// a step of x, the step being max |x| of the block / kInt16Max, and the offset sums are the
+// values' sums; threads change nothing.
+TEST(Int16Activations, HalvesRebuildEachValueWithinHalfAStep) {
+  std::mt19937 rng(21);
+  afm::cpu::ThreadPool pool(2);
+  const int64_t rows = 9, k = 1000;  // a partial last block and padding
+  std::vector<float> x = random_activations(rows, k, rng);
+  x[3 * k + 40] = -std::numeric_limits<float>::infinity();
+  for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
+    afm::cpu::Int8Rows q, serial;
+    afm::cpu::quantize_int16_rows(f, x.data(), rows, k, q, &pool);
+    afm::cpu::quantize_int16_rows(f, x.data(), rows, k, serial);
+    EXPECT_EQ(q.q, serial.q);
+    EXPECT_EQ(q.block_offset_sums, serial.block_offset_sums);
+    ASSERT_TRUE(q.int16);
+    ASSERT_EQ(q.padded, 1024);
+    ASSERT_EQ(q.q.size(), size_t(rows * 2 * q.padded));
+    const int offset = f == WeightFormat::BFP8 ? 128 : 8;
+    for (int64_t r = 0; r < rows; r++)
+      for (int64_t b = 0; b < q.padded / 16; b++) {
+        const float scale = q.scale[r * q.padded / 16 + b];
+        if (r == 3 && b == 40 / 16) {
+          EXPECT_TRUE(std::isnan(scale));
+          continue;
+        }
+        float max_abs = 0;
+        for (int64_t i = 16 * b; i < std::min(k, 16 * b + 16); i++) max_abs = std::max(max_abs, std::fabs(x[r * k + i]));
+        EXPECT_FLOAT_EQ(scale, max_abs / afm::cpu::kInt16Max);
+        int32_t sum = 0;
+        for (int64_t i = 0; i < 16; i++) {
+          const int8_t high = q.q[r * 2 * q.padded + 32 * b + i], low = q.q[r * 2 * q.padded + 32 * b + 16 + i];
+          const int32_t v = 256 * high + low;
+          ASSERT_LE(std::abs(v), afm::cpu::kInt16Max);
+          const double want = 16 * b + i < k ? x[r * k + 16 * b + i] : 0.0;
+          // Half a step, plus f32's rounding of x / step (up to 32639 x 2^-24, 0.002 of a step).
+          ASSERT_LE(std::fabs(double(v) * scale - want), 0.505 * scale + 1e-30) << "row " << r << " value " << 16 * b + i;
+          sum += v;
+        }
+        EXPECT_EQ(q.block_offset_sums[r * q.padded / 16 + b], -offset * sum);
+      }
+  }
+}
+
+// The packed GEMM on int16 activations against the double product of the exact weights with the
+// rebuilt activations, on the odd shapes; and against x itself it is far closer than int8.
+TEST(Int16Activations, PackedGemmMatchesExactProductOnOddShapes) {
+  if (!afm::cpu::int8_gemm_supported(Isa::Avx512Vnni)) GTEST_SKIP() << "CPU has no AVX-512 VNNI";
+  std::mt19937 rng(13);
+  afm::cpu::ThreadPool pool(2);
+  struct Shape {
+    int64_t tokens, rows, cols;
+  };
+  // Tokens around the 4-token tiles of int16 (and bfp4's split from 5 tokens on).
+  const Shape shapes[] = {{1, 1, 1}, {4, 33, 17}, {5, 48, 257}, {9, 100, 513}, {3, 300, 2560}, {13, 31, 1000}};
+  for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
+    for (const Shape& s : shapes) {
+      const Matrix m = afm::test::make_matrix(f, s.rows, s.cols, afm::MatmulInputs::Int16, rng);
+      const Weight packed = afm::cpu::int8_panels(m.weight, pool, Isa::Avx512Vnni);
+      const std::vector<float> x = random_activations(s.tokens, s.cols, rng);
+      afm::cpu::Int8Rows q, q8;
+      afm::cpu::quantize_int16_rows(f, x.data(), s.tokens, s.cols, q, &pool);
+      afm::cpu::quantize_int8_rows(f, x.data(), s.tokens, s.cols, q8, &pool);
+      std::vector<float> out(s.tokens * s.rows + 1, 77.0f), out8(s.tokens * s.rows);
+      afm::cpu::int8_gemm(packed, q, out.data(), pool, Isa::Avx512Vnni);
+      afm::cpu::int8_gemm(packed, q8, out8.data(), pool, Isa::Avx512Vnni);
+      EXPECT_EQ(out.back(), 77.0f) << "wrote past the output";
+      double error16 = 0, error8 = 0;
+      for (int64_t t = 0; t < s.tokens; t++)
+        for (int64_t n = 0; n < s.rows; n++) {
+          double ref = 0, abs_sum = 0, exact = 0;
+          for (int64_t c = 0; c < s.cols; c++) {
+            const int64_t at = t * 2 * q.padded + 2 * (c / 16) * 16 + c % 16;
+            const double v = 256.0 * q.q[at] + q.q[at + 16];
+            const double w = m.values[n * s.cols + c];
+            ref += w * v * q.scale[t * q.padded / 16 + c / 16];
+            abs_sum += std::fabs(w * v * q.scale[t * q.padded / 16 + c / 16]);
+            exact += w * x[t * s.cols + c];
+          }
+          const double tol = (s.cols / 16 + 4) * 0x1p-22 * abs_sum + 1e-30;
+          ASSERT_NEAR(out[t * s.rows + n], ref, tol) << afm::format_name(f) << " T=" << s.tokens << " N=" << s.rows
+                                                     << " K=" << s.cols << " at t=" << t << " n=" << n;
+          error16 += std::fabs(out[t * s.rows + n] - exact);
+          error8 += std::fabs(out8[t * s.rows + n] - exact);
+        }
+      if (s.cols >= 256) {
+        EXPECT_LT(error16, error8 / 20) << afm::format_name(f) << " K=" << s.cols;
+      }
+    }
+  }
+}
+
+// The CPU backend packs block-float weights for int16 activations too, and its linear quantizes
+// to int16 for them; rows that were not packed refuse int16 activations in the GEMM.
+TEST(Int16Activations, TheCpuBackendRunsThemOnPackedWeights) {
+  if (!afm::cpu::int8_gemm_supported(afm::cpu::best_isa())) GTEST_SKIP() << "CPU has no AVX-512 VNNI";
+  std::mt19937 rng(6);
+  afm::cpu::ThreadPool pool(2);
+  const auto backend = afm::make_backend(afm::Device::cpu(), 2);
+  const int64_t rows = 70, cols = 300;
+  for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
+    const Matrix m = afm::test::make_matrix(f, rows, cols, afm::MatmulInputs::Int16, rng);
+    const Weight uploaded = backend->upload(m.weight);
+    ASSERT_EQ(uploaded.layout, afm::WeightLayout::Backend);
+    for (int64_t tokens : {1, 6, 20}) {
+      const std::vector<float> x = random_activations(tokens, cols, rng);
+      afm::Tensor in = backend->tensor(tokens, cols), out = backend->tensor(tokens, rows);
+      std::copy(x.begin(), x.end(), in.data);
+      backend->linear(in, uploaded, out);
+      afm::cpu::Int8Rows q;
+      afm::cpu::quantize_int16_rows(f, x.data(), tokens, cols, q);
+      std::vector<float> want(tokens * rows);
+      afm::cpu::int8_gemm(uploaded, q, want.data(), pool);
+      EXPECT_EQ(std::vector<float>(out.data, out.data + tokens * rows), want)
+          << afm::format_name(f) << ", " << tokens << " tokens";
+      EXPECT_THROW(afm::cpu::int8_gemm(m.weight, q, want.data(), pool), afm::Error);
+    }
+  }
+}
+
 TEST(Int8Gemm, OnlyAvx512VnniHasKernels) {
   EXPECT_FALSE(afm::cpu::int8_gemm_supported(Isa::Scalar));
   EXPECT_FALSE(afm::cpu::int8_gemm_supported(Isa::Avx2));

@@ -87,6 +87,25 @@ TEST_F(SmolLM2, Bfp8WithInt8ActivationsKeepsTop5) {
   EXPECT_LE(int8.decode_max_rel_err, 0.2);
 }
 
+// --activations int16: the int8 GEMM's speed with bf16's accuracy. Where the CPU has the GEMM
+// every matmul runs it on 16-bit activations (two int8 halves), which hold the bars that bf16
+// inputs hold here; elsewhere they read bf16, the same numbers.
+TEST_F(SmolLM2, Bfp8WithInt16ActivationsHoldsTheBf16Bars) {
+  const afm::EvalResult bf16 = evaluate(afm::WeightFormat::BFP8);
+  const afm::EvalResult int16 = evaluate(afm::WeightFormat::BFP8, false, afm::MatmulInputs::Int16);
+  EXPECT_GE(int16.top1, 0.975);
+  EXPECT_GE(int16.prompts[1].top1, 0.98);
+  EXPECT_GE(int16.prompts[2].top1, 0.98);
+  EXPECT_EQ(int16.top5, 1.0);
+  if (afm::cpu::int8_gemm_supported(afm::cpu::best_isa())) {
+    EXPECT_NE(int16.decode_max_rel_err, bf16.decode_max_rel_err) << "decode did not take the int16 path";
+    EXPECT_LE(int16.prompts[1].prefill_max_rel_err, bf16.prompts[1].prefill_max_rel_err)
+        << "16-bit activations are finer than bf16 on the long prompt";
+  } else {
+    EXPECT_EQ(int16.decode_max_rel_err, bf16.decode_max_rel_err) << "without the GEMM, int16 reads bf16";
+  }
+}
+
 // `afm generate --temperature 0` prints the prompt and then what model.generate printed, stopping
 // where it stopped.
 TEST_F(SmolLM2, GreedyGenerateIsTransformersText) {

@@ -19,9 +19,9 @@ void ModelFlags::add_to(CLI::App& cmd) {
   cmd.add_option("--kv-cache", kv_cache, "KV cache type: f32, f16 or bf16 (default: f32 for f32 weights, else f16)")
       ->check(CLI::IsMember({"f32", "f16", "bf16"}));
   cmd.add_option("--activations", activations,
-                 "what bfp8/bfp4 matrix-vector products round their input to: bf16, or int8 per block of 16 for "
-                 "the int8 dot kernels")
-      ->check(CLI::IsMember({"bf16", "int8"}))
+                 "what bfp8/bfp4 matmuls round their input to: bf16; int8 per block of 16 for the int8 kernels; "
+                 "or int16 per block of 16, in two int8 halves for the int8 GEMM (AVX-512 VNNI; bf16 elsewhere)")
+      ->check(CLI::IsMember({"bf16", "int8", "int16"}))
       ->capture_default_str();
   cmd.add_option("--max-seq-len", max_seq_len, "context limit (default: the config's, capped by memory)");
   cmd.add_option("--threads,-t", threads, "CPU threads (default: all cores)");
@@ -49,7 +49,9 @@ ModelOptions ModelFlags::options() const {
   options.device = Device::parse(device);
   options.weights = parse_weight_format(weights);
   if (!kv_cache.empty()) options.kv_cache = parse_kv_cache_type(kv_cache);
-  options.block_float_inputs = activations == "int8" ? MatmulInputs::Int8 : MatmulInputs::BF16;
+  options.block_float_inputs = activations == "int8"    ? MatmulInputs::Int8
+                               : activations == "int16" ? MatmulInputs::Int16
+                                                        : MatmulInputs::BF16;
   options.max_seq_len = max_seq_len;
   if (!max_memory.empty()) options.max_memory = parse_memory_size(max_memory);
   options.num_threads = threads;

@@ -34,11 +34,12 @@ class CpuBackend final : public Backend {
     return t;
   }
 
-  // Block-float weights for int8 activations are packed for the int8 GEMM once, here, where the
-  // CPU has it: every matmul then streams its panels, whatever the tokens (decode included), and
-  // packs nothing.
+  // Block-float weights for int8 or int16 activations are packed for the int8 GEMM once, here,
+  // where the CPU has it: every matmul then streams its panels, whatever the tokens (decode
+  // included), and packs nothing.
   Weight upload(Weight w) override {
-    if (is_block_float(w.format) && w.inputs == MatmulInputs::Int8 && w.layout == WeightLayout::Rows &&
+    const bool integer_inputs = w.inputs == MatmulInputs::Int8 || w.inputs == MatmulInputs::Int16;
+    if (is_block_float(w.format) && integer_inputs && w.layout == WeightLayout::Rows &&
         cpu::int8_gemm_supported(cpu::best_isa()))
       return cpu::int8_panels(w, pool_);
     return w;
@@ -73,6 +74,11 @@ class CpuBackend final : public Backend {
     const bool int8_gemm = w.layout == WeightLayout::Backend || (gemm && cpu::int8_gemm_supported(cpu::best_isa()));
     // Int8 inputs take the int8 kernels, but for a prefill on a CPU without the int8 GEMM, which
     // takes the f32 GEMM on bf16 inputs.
+    // Int16 inputs exist only for packed weights; elsewhere they read bf16.
+    if (w.inputs == MatmulInputs::Int16 && w.layout == WeightLayout::Backend) {
+      cpu::quantize_int16_rows(w.format, x_in.data, T, K, int8_rows_, &pool_);
+      return cpu::int8_gemm(w, int8_rows_, out.data, pool_);
+    }
     if (w.inputs == MatmulInputs::Int8 && (int8_gemm || !gemm)) {
       cpu::quantize_int8_rows(w.format, x_in.data, T, K, int8_rows_, &pool_);
       if (int8_gemm) return cpu::int8_gemm(w, int8_rows_, out.data, pool_);

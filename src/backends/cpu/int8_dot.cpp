@@ -256,30 +256,81 @@ QuantizeRowFn quantize_row_kernel(Isa isa) {
   return quantize_int8_row_scalar;
 }
 
+// One row of quantize_int16_rows, into zeroed q (2 bytes per value), scale and block sums.
+void quantize_int16_row(const float* in, int64_t k, int32_t offset, int8_t* q, float* scale, int32_t* block_offset_sums) {
+  for (int64_t b = 0; b * kBlockFloatBlock < k; b++) {
+    const int64_t b0 = b * kBlockFloatBlock, n = std::min<int64_t>(kBlockFloatBlock, k - b0);
+    float max_abs = 0;
+    bool finite = true;
+    for (int64_t i = 0; i < n; i++) {
+      finite = finite && std::isfinite(in[b0 + i]);
+      max_abs = std::max(max_abs, std::fabs(in[b0 + i]));
+    }
+    if (!finite) scale[b] = std::numeric_limits<float>::quiet_NaN();  // as in the int8 kernels
+    if (!finite || max_abs < kTinyBlock) continue;
+    const float inverse = float(kInt16Max) / max_abs;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < n; i++) {
+      const auto v = int32_t(std::clamp(std::nearbyint(in[b0 + i] * inverse), -float(kInt16Max), float(kInt16Max)));
+      const int32_t high = (v + 128) >> 8;  // floor, so that low = v - 256 high is in -128..127
+      q[2 * b0 + i] = int8_t(high);
+      q[2 * b0 + kBlockFloatBlock + i] = int8_t(v - 256 * high);
+      sum += v;
+    }
+    scale[b] = max_abs / float(kInt16Max);
+    block_offset_sums[b] = -offset * sum;
+  }
+}
+
+// Checks the arguments and sizes `out` for `rows` rows of k values, zeroed.
+void prepare_rows(const char* what, WeightFormat format, int64_t rows, int64_t k, bool int16, Int8Rows& out) {
+  if (!is_block_float(format))
+    throw Error(std::string(what) + " activations: only for bfp8 and bfp4 weights, not " + format_name(format));
+  out.format = format;
+  out.rows = rows;
+  out.k = k;
+  out.int16 = int16;
+  out.padded = std::max<int64_t>(kInt8Group, (k + kInt8Group - 1) / kInt8Group * kInt8Group);
+  const int64_t blocks = out.padded / kBlockFloatBlock;
+  out.q.assign(rows * out.padded * (int16 ? 2 : 1), 0);
+  out.scale.assign(rows * blocks, 0.0f);
+  out.offset_sums.assign(int16 ? 0 : rows * out.padded / 4, 0);
+  out.block_offset_sums.assign(rows * blocks, 0);
+}
+
+// Calls quantize(first row, end row) over `pool`, or on this thread without one.
+template <class Quantize>
+void over_rows(ThreadPool* pool, int64_t rows, int64_t k, const Quantize& quantize) {
+  if (pool) pool->parallel_for(rows, 1, rows * k, quantize);
+  else quantize(0, rows);
+}
+
 }  // namespace
 
 void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64_t k, Int8Rows& out,
                         ThreadPool* pool, Isa isa) {
   if (!isa_supported(isa)) throw Error(std::string("int8 activations: this CPU does not support ") + isa_name(isa));
-  if (!is_block_float(format)) throw Error("int8 activations: only for bfp8 and bfp4 weights, not " + format_name(format));
-  out.format = format;
-  out.rows = rows;
-  out.k = k;
-  out.padded = std::max<int64_t>(kInt8Group, (k + kInt8Group - 1) / kInt8Group * kInt8Group);
+  prepare_rows("int8", format, rows, k, false, out);
   const int64_t blocks = out.padded / kBlockFloatBlock;
-  out.q.assign(rows * out.padded, 0);
-  out.scale.assign(rows * blocks, 0.0f);
-  out.offset_sums.assign(rows * out.padded / 4, 0);
-  out.block_offset_sums.assign(rows * blocks, 0);
   const int32_t offset = weight_offset(format);
   const QuantizeRowFn quantize_row = quantize_row_kernel(isa);
-  auto quantize = [&](int64_t begin, int64_t end) {
+  over_rows(pool, rows, k, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r++)
       quantize_row(x + r * k, k, offset, out.q.data() + r * out.padded, out.scale.data() + r * blocks,
                    out.offset_sums.data() + r * out.padded / 4, out.block_offset_sums.data() + r * blocks);
-  };
-  if (pool) pool->parallel_for(rows, 1, rows * k, quantize);
-  else quantize(0, rows);
+  });
+}
+
+void quantize_int16_rows(WeightFormat format, const float* x, int64_t rows, int64_t k, Int8Rows& out,
+                         ThreadPool* pool) {
+  prepare_rows("int16", format, rows, k, true, out);
+  const int64_t blocks = out.padded / kBlockFloatBlock;
+  const int32_t offset = weight_offset(format);
+  over_rows(pool, rows, k, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++)
+      quantize_int16_row(x + r * k, k, offset, out.q.data() + 2 * r * out.padded, out.scale.data() + r * blocks,
+                         out.block_offset_sums.data() + r * blocks);
+  });
 }
 
 Int8DotFn int8_dot_kernel(WeightFormat format, Isa isa) {

@@ -27,10 +27,17 @@ constexpr int64_t kInt8Group = 64;  // int8 values in one 512-bit vector: 4 bloc
 //                as an unsigned byte (its value + offset; offset 128 for bfp8, 8 for bfp4) start
 //                their integer sums from it, which cancels the offset exactly;
 //   block_offset_sums  the same per block of 16 (the GEMM's, int8_gemm.h).
+//
+// Rows quantized by quantize_int16_rows instead (int16) hold 16-bit values, each split into two
+// int8 halves so that the same `vpdpbusd` sums them: per block of 16, 16 high bytes then 16 low
+// bytes, the value being 256 high + low (low in -128..127), in -kInt16Max..kInt16Max with
+// scale = max |x| / kInt16Max; offset_sums is empty and block_offset_sums cancels the offset of
+// the whole 16-bit sums.
 struct Int8Rows {
   WeightFormat format = WeightFormat::BFP8;  // the weights whose offset offset_sums cancel
   int64_t rows = 0, k = 0, padded = 0;
-  std::vector<int8_t> q;          // [rows][padded]
+  bool int16 = false;
+  std::vector<int8_t> q;          // [rows][padded], int16: [rows][2 padded]
   std::vector<float> scale;       // [rows][padded / 16]
   std::vector<int32_t> offset_sums;  // [rows][padded / 4]
   std::vector<int32_t> block_offset_sums;  // [rows][padded / 16]
@@ -41,6 +48,14 @@ struct Int8Rows {
 // bytes).
 void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64_t k, Int8Rows& out,
                         ThreadPool* pool = nullptr, Isa isa = best_isa());
+
+// The largest int16 value: the high half of 256 high + low (low >= -128) stays within int8.
+constexpr int32_t kInt16Max = 127 * 256 + 127;
+
+// As quantize_int8_rows, to 16-bit values in two int8 halves (Int8Rows::int16): a rounding error
+// 256x smaller, for twice the `vpdpbusd` work. Only the int8 GEMM over packed panels reads them.
+void quantize_int16_rows(WeightFormat format, const float* x, int64_t rows, int64_t k, Int8Rows& out,
+                         ThreadPool* pool = nullptr);
 
 // out[j] = sum over blocks of W(w_row) · (q * scale) of rows first..first + n_x - 1 of x
 // (n_x in 1..kMaxDotRows); k is the weight row's column count, equal to x.k.

@@ -31,6 +31,7 @@ constexpr int64_t kPanelRows = 32;     // two vectors of 16 rows
 constexpr int64_t kDepth = 256;        // columns packed at a time (a multiple of kInt8Group)
 constexpr int64_t kBlockRows = 256;    // weight rows a thread packs at a time (at most)
 constexpr int kMaxTokens = 6;          // 4 x 6 accumulators + the panel's vectors fit 32 registers
+constexpr int kMaxInt16Tokens = 4;     // 6 x 4 with int16 activations' high sums
 constexpr int64_t kQuadBytes = 4 * kPanelRows;  // one panel's 4 columns
 
 // A tile's view of the quantized activations: tokens t0.. and the slice's first column.
@@ -50,18 +51,24 @@ struct XTile {
 // out[t][r] (+)= the tile's sums over `blocks` blocks of the panel, for t < Tokens and rows below
 // `rows`. A Nibbles panel (bfp4 packed at load) holds two quads per 128 bytes, the even one in
 // the low nibbles.
-template <int Tokens, bool Nibbles>
+// Int16 activations (Int8Rows::int16) take two `vpdpbusd` per weight vector, one per half, and
+// add the high sums, times 256, to the low ones at the end of the block.
+template <int Tokens, bool Nibbles, bool Int16>
 AFM_AVX512_VNNI void micro(const XTile& x, const uint8_t* panel, const float* exponents, int64_t blocks, float* out,
                            int64_t out_stride, int64_t rows, bool accumulate) {
+  constexpr int kHighs = Int16 ? Tokens : 0;
+  constexpr int64_t kBlockValues = Int16 ? 2 * kBlockFloatBlock : kBlockFloatBlock;  // bytes of x per block
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512i pair0 = _mm512_setzero_si512(), pair1 = _mm512_setzero_si512();
   __m512 acc[Tokens][2];
 #pragma GCC unroll 6
   for (int t = 0; t < Tokens; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; b++) {
-    __m512i sum[Tokens][2];
+    __m512i sum[Tokens][2], high[kHighs > 0 ? kHighs : 1][2];
 #pragma GCC unroll 6
     for (int t = 0; t < Tokens; t++) sum[t][0] = sum[t][1] = _mm512_set1_epi32(x.offsets[t * x.block_stride + b]);
+#pragma GCC unroll 6
+    for (int t = 0; t < kHighs; t++) high[t][0] = high[t][1] = _mm512_setzero_si512();
 #pragma GCC unroll 4
     for (int s = 0; s < 4; s++) {
       __m512i w0, w1;
@@ -80,13 +87,24 @@ AFM_AVX512_VNNI void micro(const XTile& x, const uint8_t* panel, const float* ex
       }
 #pragma GCC unroll 6
       for (int t = 0; t < Tokens; t++) {
+        const int8_t* xq = x.q + t * x.q_stride + kBlockValues * b + 4 * s;
         int32_t four;
-        std::memcpy(&four, x.q + t * x.q_stride + 16 * b + 4 * s, 4);
+        if constexpr (Int16) {
+          std::memcpy(&four, xq, 4);
+          const __m512i xh = _mm512_set1_epi32(four);
+          high[t][0] = _mm512_dpbusd_epi32(high[t][0], w0, xh);
+          high[t][1] = _mm512_dpbusd_epi32(high[t][1], w1, xh);
+          xq += kBlockFloatBlock;  // the low halves
+        }
+        std::memcpy(&four, xq, 4);
         const __m512i xb = _mm512_set1_epi32(four);
         sum[t][0] = _mm512_dpbusd_epi32(sum[t][0], w0, xb);
         sum[t][1] = _mm512_dpbusd_epi32(sum[t][1], w1, xb);
       }
     }
+#pragma GCC unroll 6
+    for (int t = 0; t < kHighs; t++)
+      for (int h = 0; h < 2; h++) sum[t][h] = _mm512_add_epi32(sum[t][h], _mm512_slli_epi32(high[t][h], 8));
     // sum * 2^(e - bias) exactly, times x's block scale, into the f32 sums.
     const __m512 e0 = _mm512_loadu_ps(exponents + kPanelRows * b), e1 = _mm512_loadu_ps(exponents + kPanelRows * b + 16);
 #pragma GCC unroll 6
@@ -184,12 +202,14 @@ AFM_AVX512_VNNI void pack_whole_panel(const Weight& w, int64_t p, int64_t padded
 
 using MicroFn = void (*)(const XTile&, const uint8_t*, const float*, int64_t, float*, int64_t, int64_t, bool);
 
-template <bool Nibbles, size_t... I>
-constexpr std::array<MicroFn, sizeof...(I)> micro_table(std::index_sequence<I...>) {
-  return {micro<int(I) + 1, Nibbles>...};
+template <bool Nibbles, bool Int16, size_t... I>
+constexpr std::array<MicroFn, kMaxTokens> micro_table(std::index_sequence<I...>) {
+  return {micro<int(I) + 1, Nibbles, Int16>...};
 }
-constexpr auto kMicro = micro_table<false>(std::make_index_sequence<kMaxTokens>());
-constexpr auto kNibbleMicro = micro_table<true>(std::make_index_sequence<kMaxTokens>());
+constexpr auto kMicro = micro_table<false, false>(std::make_index_sequence<kMaxTokens>());
+constexpr auto kNibbleMicro = micro_table<true, false>(std::make_index_sequence<kMaxTokens>());
+constexpr auto kInt16Micro = micro_table<false, true>(std::make_index_sequence<kMaxInt16Tokens>());
+constexpr auto kInt16NibbleMicro = micro_table<true, true>(std::make_index_sequence<kMaxInt16Tokens>());
 
 // `pairs` pairs of quads from a Nibbles panel into `quads`, a byte per weight.
 AFM_AVX512_VNNI void split_nibbles(const uint8_t* pairs_in, int64_t pairs, uint8_t* quads) {
@@ -210,8 +230,10 @@ AFM_AVX512_VNNI void split_nibbles(const uint8_t* pairs_in, int64_t pairs, uint8
 template <class BF>
 AFM_AVX512_VNNI void gemm_panels(const Weight& w, const Int8Rows& x, float* out, int64_t n0, int64_t rows) {
   constexpr bool kNibbles = BF::mag_bits != 7;
-  const bool split = kNibbles && x.rows > kMaxTokens;
-  const MicroFn* micro = kNibbles && !split ? kNibbleMicro.data() : kMicro.data();
+  const int64_t tile_tokens = x.int16 ? kMaxInt16Tokens : kMaxTokens, x_bytes = x.int16 ? 2 : 1;
+  const bool split = kNibbles && x.rows > tile_tokens;
+  const MicroFn* micro = kNibbles && !split ? (x.int16 ? kInt16NibbleMicro : kNibbleMicro).data()
+                                            : (x.int16 ? kInt16Micro : kMicro).data();
   const int64_t N = w.rows, x_blocks = x.padded / kBlockFloatBlock;
   const __m512 bias = _mm512_set1_ps(kExponentBias<BF>);
   alignas(64) float exponents[kDepth / kBlockFloatBlock * kPanelRows];
@@ -230,10 +252,11 @@ AFM_AVX512_VNNI void gemm_panels(const Weight& w, const Int8Rows& x, float* out,
         split_nibbles(quads, 2 * blocks, split_quads);
         quads = split_quads;
       }
-      for (int64_t t0 = 0; t0 < x.rows; t0 += kMaxTokens) {
-        const int tokens = int(std::min<int64_t>(kMaxTokens, x.rows - t0));
-        const XTile tile{x.q.data() + t0 * x.padded + k0, x.scale.data() + t0 * x_blocks + k0 / kBlockFloatBlock,
-                         x.block_offset_sums.data() + t0 * x_blocks + k0 / kBlockFloatBlock, x.padded, x_blocks};
+      for (int64_t t0 = 0; t0 < x.rows; t0 += tile_tokens) {
+        const int tokens = int(std::min<int64_t>(tile_tokens, x.rows - t0));
+        const XTile tile{x.q.data() + x_bytes * (t0 * x.padded + k0),
+                         x.scale.data() + t0 * x_blocks + k0 / kBlockFloatBlock,
+                         x.block_offset_sums.data() + t0 * x_blocks + k0 / kBlockFloatBlock, x_bytes * x.padded, x_blocks};
         micro[tokens - 1](tile, quads, exponents, blocks, out + t0 * N + r0, N,
                           std::min(kPanelRows, N - r0), k0 > 0);
       }
@@ -295,6 +318,8 @@ void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool,
                                  std::to_string(w.cols));
   if (x.format != w.format)
     throw Error("int8 gemm: activations quantized for " + format_name(x.format) + " weights, not " + format_name(w.format));
+  if (x.int16 && w.layout != WeightLayout::Backend)
+    throw Error("int8 gemm: int16 activations need weights packed by int8_panels");
   if (w.rows == 0 || x.rows == 0) return;
 #ifdef AFM_X86
   if (w.layout == WeightLayout::Backend) {
