@@ -22,9 +22,10 @@ struct ModelOptions {
   int64_t max_seq_len = 0;                    // 0: the config's limit, capped by available memory
   WeightFormat weights = WeightFormat::F32;
   std::optional<KVCacheType> kv_cache;        // unset: default_kv_cache_type(weights)
-  // What bfp8/bfp4 matrix-vector products round their input to: BF16 (the bring-up note's
-  // numerics) or Int8 (blocks of 16 for the int8 dot kernels; weight.h). Other formats ignore it.
-  MatmulInputs block_float_inputs = MatmulInputs::BF16;
+  // What bfp8/bfp4 matmuls round their input to (weight.h): Int16 by default, in blocks of 16 for
+  // the int8 GEMM where the CPU has it, and bf16 (the bring-up note's numerics) where it does not;
+  // BF16 always; or Int8, faster and coarser. Other formats ignore it. docs/ACCURACY.md.
+  MatmulInputs block_float_inputs = MatmulInputs::Int16;
   int num_threads = 0;                        // 0: all cores
   // Bytes the weights and one full-length KV cache may take; 0: the memory available now.
   int64_t max_memory = 0;

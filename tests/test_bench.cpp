@@ -55,11 +55,16 @@ void check_report(const nlohmann::json& j, const std::vector<std::string>& promp
     std::sort(keys.begin(), keys.end());
     EXPECT_EQ(keys, prompt_lens) << keyed;
   }
-  // Against the peak of the instructions prefill runs on.
-  const char* peak = j["prefill_peak"] == "int8 dot" ? "int8_peak_GOPs" : "compute_peak_GFLOPs";
+  // Against the peak of the instructions prefill runs on: int16 activations take two int8 dot
+  // products per multiply-add.
+  const std::string name = j["prefill_peak"];
+  const double peak = name == "f32 FMA" ? j["compute_peak_GFLOPs"].get<double>()
+                      : name == "int8 dot" ? j["int8_peak_GOPs"].get<double>()
+                                           : j["int8_peak_GOPs"].get<double>() / 2;
+  EXPECT_TRUE(name == "f32 FMA" || name == "int8 dot" || name == "int8 dot, 2 per multiply-add") << name;
+  EXPECT_DOUBLE_EQ(j["prefill_peak_GOPs"].get<double>(), peak);
   for (const auto& [len, pct] : j["prefill_pct_of_peak"].items())
-    EXPECT_NEAR(pct.get<double>(), 100 * j["prefill_GFLOPs"][len].get<double>() / j[peak].get<double>(),
-                1e-9 * pct.get<double>());
+    EXPECT_NEAR(pct.get<double>(), 100 * j["prefill_GFLOPs"][len].get<double>() / peak, 1e-9 * pct.get<double>());
 }
 
 // With int8 activations on block-float weights, prefill runs the int8 GEMM where the CPU has
@@ -71,6 +76,18 @@ TEST(BenchCli, Int8PrefillIsJudgedAgainstTheInt8Peak) {
   const auto j = nlohmann::json::parse(run.out);
   check_report(j, {"16"});
   EXPECT_EQ(j["prefill_peak"], afm::cpu::int8_gemm_supported(afm::cpu::best_isa()) ? "int8 dot" : "f32 FMA");
+}
+
+// The default int16 activations run the same GEMM at two int8 dot products per multiply-add.
+TEST(BenchCli, Int16PrefillIsJudgedAgainstHalfTheInt8Peak) {
+  const auto run = bench("--config " + kRoot + "/tests/fixtures/tiny-arcee/config.json --weights bfp8 "
+                         "--prompt-lens 16 --gen 2 --context-lens 0 --threads 1 --json");
+  ASSERT_EQ(run.status, 0) << run.out;
+  const auto j = nlohmann::json::parse(run.out);
+  check_report(j, {"16"});
+  EXPECT_EQ(j["activations"], "int16");
+  EXPECT_EQ(j["prefill_peak"],
+            afm::cpu::int8_gemm_supported(afm::cpu::best_isa()) ? "int8 dot, 2 per multiply-add" : "f32 FMA");
 }
 
 TEST(BenchCli, JsonReportOnRandomWeights) {

@@ -234,6 +234,7 @@ void run(BenchFlags flags) {
   const double prefill_peak_ops = int8_prefill ? int8.all_threads / (int16 ? 2 : 1) : fma.all_threads;
   const std::string prefill_peak_name = !int8_prefill ? "f32 FMA" : int16 ? "int8 dot, 2 per multiply-add" : "int8 dot";
   out["prefill_peak"] = prefill_peak_name;
+  out["prefill_peak_GOPs"] = prefill_peak_ops;
   for (size_t i = 0; i < flags.prompt_lens.size(); i++) {
     const std::string key = std::to_string(flags.prompt_lens[i]);
     const double tok_per_s = flags.prompt_lens[i] / prefill[i].seconds;
