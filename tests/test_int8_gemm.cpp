@@ -84,33 +84,41 @@ TEST(Int8Gemm, MatchesExactProductOnOddShapes) {
   }
 }
 
-// The CPU backend packs block-float weights for int8 activations as it uploads them, where the
-// CPU has the int8 GEMM, and its linear then takes the GEMM for any number of tokens; other
-// weights stay rows, and nothing reads packed weights as rows.
-TEST(Int8Gemm, TheCpuBackendPacksBlockFloatForInt8ActivationsAtUpload) {
+// The CPU backend packs block-float weights for int8 and int16 activations as it uploads them,
+// where the CPU has the int8 GEMM, and its linear then quantizes to them and takes the GEMM for
+// any number of tokens; other weights stay rows, nothing reads packed weights as rows, and rows
+// refuse int16 activations.
+TEST(Int8Gemm, TheCpuBackendPacksBlockFloatForIntegerActivationsAtUpload) {
   if (!afm::cpu::int8_gemm_supported(afm::cpu::best_isa())) GTEST_SKIP() << "CPU has no AVX-512 VNNI";
   std::mt19937 rng(5);
   afm::cpu::ThreadPool pool(2);
   const auto backend = afm::make_backend(afm::Device::cpu(), 2);
   const int64_t rows = 70, cols = 300;
   for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
-    const Matrix m = afm::test::make_matrix(f, rows, cols, afm::MatmulInputs::Int8, rng);
-    const Weight uploaded = backend->upload(m.weight);
-    ASSERT_EQ(uploaded.layout, afm::WeightLayout::Backend);
-    float row[cols];
-    EXPECT_THROW(afm::dequantize_row(uploaded, 0, row), afm::Error);
-    EXPECT_THROW(afm::cpu::int8_panels(uploaded, pool), afm::Error);
-    for (int64_t tokens : {1, 3, 20}) {
-      const std::vector<float> x = random_activations(tokens, cols, rng);
-      afm::Tensor in = backend->tensor(tokens, cols), out = backend->tensor(tokens, rows);
-      std::copy(x.begin(), x.end(), in.data);
-      backend->linear(in, uploaded, out);
-      afm::cpu::Int8Rows q;
-      afm::cpu::quantize_int8_rows(f, x.data(), tokens, cols, q);
-      std::vector<float> want(tokens * rows);
-      afm::cpu::int8_gemm(m.weight, q, want.data(), pool);
-      EXPECT_EQ(std::vector<float>(out.data, out.data + tokens * rows), want)
-          << afm::format_name(f) << ", " << tokens << " tokens";
+    for (afm::MatmulInputs inputs : {afm::MatmulInputs::Int8, afm::MatmulInputs::Int16}) {
+      const bool int16 = inputs == afm::MatmulInputs::Int16;
+      const Matrix m = afm::test::make_matrix(f, rows, cols, inputs, rng);
+      const Weight uploaded = backend->upload(m.weight);
+      ASSERT_EQ(uploaded.layout, afm::WeightLayout::Backend);
+      float row[cols];
+      EXPECT_THROW(afm::dequantize_row(uploaded, 0, row), afm::Error);
+      EXPECT_THROW(afm::cpu::int8_panels(uploaded, pool), afm::Error);
+      for (int64_t tokens : {1, 3, 6, 20}) {
+        const std::vector<float> x = random_activations(tokens, cols, rng);
+        afm::Tensor in = backend->tensor(tokens, cols), out = backend->tensor(tokens, rows);
+        std::copy(x.begin(), x.end(), in.data);
+        backend->linear(in, uploaded, out);
+        afm::cpu::Int8Rows q;
+        if (int16) afm::cpu::quantize_int16_rows(f, x.data(), tokens, cols, q);
+        else afm::cpu::quantize_int8_rows(f, x.data(), tokens, cols, q);
+        std::vector<float> want(tokens * rows);
+        afm::cpu::int8_gemm(int16 ? uploaded : m.weight, q, want.data(), pool);
+        EXPECT_EQ(std::vector<float>(out.data, out.data + tokens * rows), want)
+            << afm::format_name(f) << (int16 ? " int16, " : " int8, ") << tokens << " tokens";
+        if (int16) {
+          EXPECT_THROW(afm::cpu::int8_gemm(m.weight, q, want.data(), pool), afm::Error);
+        }
+      }
     }
   }
   for (auto [format, inputs] : {std::pair{WeightFormat::BF16, afm::MatmulInputs::BF16},
@@ -258,34 +266,6 @@ TEST(Int16Activations, PackedGemmMatchesExactProductOnOddShapes) {
       if (s.cols >= 256) {
         EXPECT_LT(error16, error8 / 20) << afm::format_name(f) << " K=" << s.cols;
       }
-    }
-  }
-}
-
-// The CPU backend packs block-float weights for int16 activations too, and its linear quantizes
-// to int16 for them; rows that were not packed refuse int16 activations in the GEMM.
-TEST(Int16Activations, TheCpuBackendRunsThemOnPackedWeights) {
-  if (!afm::cpu::int8_gemm_supported(afm::cpu::best_isa())) GTEST_SKIP() << "CPU has no AVX-512 VNNI";
-  std::mt19937 rng(6);
-  afm::cpu::ThreadPool pool(2);
-  const auto backend = afm::make_backend(afm::Device::cpu(), 2);
-  const int64_t rows = 70, cols = 300;
-  for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
-    const Matrix m = afm::test::make_matrix(f, rows, cols, afm::MatmulInputs::Int16, rng);
-    const Weight uploaded = backend->upload(m.weight);
-    ASSERT_EQ(uploaded.layout, afm::WeightLayout::Backend);
-    for (int64_t tokens : {1, 6, 20}) {
-      const std::vector<float> x = random_activations(tokens, cols, rng);
-      afm::Tensor in = backend->tensor(tokens, cols), out = backend->tensor(tokens, rows);
-      std::copy(x.begin(), x.end(), in.data);
-      backend->linear(in, uploaded, out);
-      afm::cpu::Int8Rows q;
-      afm::cpu::quantize_int16_rows(f, x.data(), tokens, cols, q);
-      std::vector<float> want(tokens * rows);
-      afm::cpu::int8_gemm(uploaded, q, want.data(), pool);
-      EXPECT_EQ(std::vector<float>(out.data, out.data + tokens * rows), want)
-          << afm::format_name(f) << ", " << tokens << " tokens";
-      EXPECT_THROW(afm::cpu::int8_gemm(m.weight, q, want.data(), pool), afm::Error);
     }
   }
 }
