@@ -58,7 +58,8 @@ void quantize_int16_rows(WeightFormat format, const float* x, int64_t rows, int6
                          ThreadPool* pool = nullptr);
 
 // out[j] = sum over blocks of W(w_row) · (q * scale) of rows first..first + n_x - 1 of x
-// (n_x in 1..kMaxDotRows); k is the weight row's column count, equal to x.k.
+// (n_x in 1..kMaxDotRows), x quantized by quantize_int8_rows (the dot kernels have no int16);
+// k is the weight row's column count, equal to x.k.
 using Int8DotFn = void (*)(const uint8_t* w_row, const Int8Rows& x, int64_t first, int n_x, float* out);
 
 // Throws afm::Error for a format other than BFP8 / BFP4, or an ISA this CPU lacks. Avx512 without

@@ -4,10 +4,12 @@
 // micro-kernel keeps a tile of up to 6 tokens x 32 rows in registers: per 4 columns it loads the
 // panel's 2 vectors and broadcasts each token's 4 int8 values, 2 `vpdpbusd` per broadcast; at
 // the end of each block it converts the integer sums and adds them, scaled, into f32 sums.
+// Int16 activations (two int8 halves, int8_dot.h) take up to 4 tokens and 2 `vpdpbusd` per
+// broadcast pair, and only panels packed at load.
 //
-// bfp8 and bfp4 weights uploaded for int8 activations are packed once, at load (int8_panels):
-// every panel of the matrix in one buffer, so a matmul reads its weights as one stream and packs
-// nothing.
+// bfp8 and bfp4 weights uploaded for int8 or int16 activations are packed once, at load
+// (int8_panels): every panel of the matrix in one buffer, slice by slice, so a matmul reads its
+// weights as one forward stream and packs nothing.
 #include "backends/cpu/int8_gemm.h"
 
 #include <algorithm>

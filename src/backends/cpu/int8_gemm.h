@@ -22,7 +22,8 @@ bool int8_gemm_supported(Isa isa);
 // weight block's 2^exponent, summed in f32. The int8 dot kernels' numerics, summed in another
 // order. Throws afm::Error for another format or when !int8_gemm_supported(isa).
 // Weights laid out by int8_panels (WeightLayout::Backend) take the same products, for any number
-// of tokens, from panels packed at load.
+// of tokens, from panels packed at load; they alone also take x from quantize_int16_rows (each
+// 16-bit value as its two int8 halves' sums), which rows refuse.
 void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool, Isa isa = best_isa());
 
 // bfp8 / bfp4 rows re-laid out, once, as every panel int8_gemm would pack, in one buffer (the
