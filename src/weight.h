@@ -47,8 +47,8 @@ struct Weight {
 // a tensor is converted, so that loading peaks near the converted model's size.
 void release_file_pages(const void* data, int64_t bytes);
 
-// Uninitialized memory for a big buffer that kernels stream (converted or packed weights, the
-// bandwidth probe). From 2 MiB up it is 2 MiB-aligned and advised for transparent huge pages: a
+// Uninitialized memory for a big buffer that kernels stream (packed weights, the bandwidth
+// probe). From 2 MiB up it is 2 MiB-aligned and advised for transparent huge pages: a
 // stream then takes a TLB entry per 2 MiB, not per 4 KiB (a miss on a VM is a two-level page walk),
 // which took the int8 decode matmul from about 60% to 78% of the read bandwidth. Throws
 // afm::Error when there is no memory.
