@@ -193,22 +193,29 @@ using QuantizeRowFn = void (*)(const float* in, int64_t k, int32_t offset, int8_
 // smallest normals, and such a block adds under 2^-100 of a weight to any sum.
 constexpr float kTinyBlock = 0x1p-100f;
 
+// The block in[0, n) quantized to -levels..levels: sets `scale` (max |x| / levels) and returns
+// levels / max |x|, or returns 0 for a block that stays zeros (a tiny one, scale 0, or one with a
+// NaN or infinity, scale NaN, so that every product with it is NaN, as in f32).
+float block_scale(const float* in, int64_t n, float levels, float& scale) {
+  float max_abs = 0;
+  bool finite = true;
+  for (int64_t i = 0; i < n; i++) {
+    finite = finite && std::isfinite(in[i]);
+    max_abs = std::max(max_abs, std::fabs(in[i]));
+  }
+  if (!finite) scale = std::numeric_limits<float>::quiet_NaN();
+  if (!finite || max_abs < kTinyBlock) return 0;
+  scale = max_abs / levels;
+  return levels / max_abs;
+}
+
 void quantize_int8_row_scalar(const float* in, int64_t k, int32_t offset, int8_t* q, float* scale,
                               int32_t* offset_sums, int32_t* block_offset_sums) {
   for (int64_t b0 = 0; b0 < k; b0 += kBlockFloatBlock) {
     const int64_t b1 = std::min(k, b0 + kBlockFloatBlock);
-    float max_abs = 0;
-    bool finite = true;
-    for (int64_t i = b0; i < b1; i++) {
-      finite = finite && std::isfinite(in[i]);
-      max_abs = std::max(max_abs, std::fabs(in[i]));
-    }
-    // A NaN or infinity makes the block's scale NaN, so every product with it is NaN, as in f32.
-    if (!finite) scale[b0 / kBlockFloatBlock] = std::numeric_limits<float>::quiet_NaN();
-    if (!finite || max_abs < kTinyBlock) continue;
-    const float inverse = 127.0f / max_abs;
+    const float inverse = block_scale(in + b0, b1 - b0, 127.0f, scale[b0 / kBlockFloatBlock]);
+    if (inverse == 0) continue;
     for (int64_t i = b0; i < b1; i++) q[i] = int8_t(std::clamp(std::nearbyint(in[i] * inverse), -127.0f, 127.0f));
-    scale[b0 / kBlockFloatBlock] = max_abs / 127.0f;
   }
   for (int64_t j = 0; j < block_float_blocks(k) * 4; j++) {
     offset_sums[j] = -offset * (q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3]);
@@ -260,15 +267,8 @@ QuantizeRowFn quantize_row_kernel(Isa isa) {
 void quantize_int16_row(const float* in, int64_t k, int32_t offset, int8_t* q, float* scale, int32_t* block_offset_sums) {
   for (int64_t b = 0; b * kBlockFloatBlock < k; b++) {
     const int64_t b0 = b * kBlockFloatBlock, n = std::min<int64_t>(kBlockFloatBlock, k - b0);
-    float max_abs = 0;
-    bool finite = true;
-    for (int64_t i = 0; i < n; i++) {
-      finite = finite && std::isfinite(in[b0 + i]);
-      max_abs = std::max(max_abs, std::fabs(in[b0 + i]));
-    }
-    if (!finite) scale[b] = std::numeric_limits<float>::quiet_NaN();  // as in the int8 kernels
-    if (!finite || max_abs < kTinyBlock) continue;
-    const float inverse = float(kInt16Max) / max_abs;
+    const float inverse = block_scale(in + b0, n, float(kInt16Max), scale[b]);
+    if (inverse == 0) continue;
     int32_t sum = 0;
     for (int64_t i = 0; i < n; i++) {
       const auto v = int32_t(std::clamp(std::nearbyint(in[b0 + i] * inverse), -float(kInt16Max), float(kInt16Max)));
@@ -277,7 +277,6 @@ void quantize_int16_row(const float* in, int64_t k, int32_t offset, int8_t* q, f
       q[2 * b0 + kBlockFloatBlock + i] = int8_t(v - 256 * high);
       sum += v;
     }
-    scale[b] = max_abs / float(kInt16Max);
     block_offset_sums[b] = -offset * sum;
   }
 }
