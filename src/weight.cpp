@@ -92,7 +92,7 @@ std::shared_ptr<uint8_t[]> allocate_streamed(int64_t bytes) {
   const int64_t align = bytes >= kHugePage ? kHugePage : kVector;
   const int64_t size = (std::max<int64_t>(bytes, 1) + align - 1) / align * align;
   auto* p = static_cast<uint8_t*>(std::aligned_alloc(size_t(align), size_t(size)));
-  if (!p) throw Error("out of memory for " + std::to_string(bytes) + " bytes of weights");
+  if (!p) throw Error("out of memory for a buffer of " + std::to_string(bytes) + " bytes");
   // Advice only: where transparent huge pages are off this is a no-op.
   if (align == kHugePage) madvise(p, size_t(size), MADV_HUGEPAGE);
   return std::shared_ptr<uint8_t[]>(p, std::free);

@@ -72,13 +72,13 @@ class CpuBackend final : public Backend {
     const bool gemm = T >= cpu::kGemmMinTokens && cpu::gemm_supported(cpu::best_isa());
     // Weights that upload packed take the int8 GEMM for any number of tokens.
     const bool int8_gemm = w.layout == WeightLayout::Backend || (gemm && cpu::int8_gemm_supported(cpu::best_isa()));
-    // Int8 inputs take the int8 kernels, but for a prefill on a CPU without the int8 GEMM, which
-    // takes the f32 GEMM on bf16 inputs.
-    // Int16 inputs exist only for packed weights; elsewhere they read bf16.
+    // Int16 inputs take the int8 GEMM on packed weights; elsewhere they read bf16.
     if (w.inputs == MatmulInputs::Int16 && w.layout == WeightLayout::Backend) {
       cpu::quantize_int16_rows(w.format, x_in.data, T, K, int8_rows_, &pool_);
       return cpu::int8_gemm(w, int8_rows_, out.data, pool_);
     }
+    // Int8 inputs take the int8 kernels, but for a prefill on a CPU without the int8 GEMM, which
+    // takes the f32 GEMM on bf16 inputs.
     if (w.inputs == MatmulInputs::Int8 && (int8_gemm || !gemm)) {
       cpu::quantize_int8_rows(w.format, x_in.data, T, K, int8_rows_, &pool_);
       if (int8_gemm) return cpu::int8_gemm(w, int8_rows_, out.data, pool_);
