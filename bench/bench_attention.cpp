@@ -48,10 +48,10 @@ void DecodeAttention(benchmark::State& state) {
   cache.set_length(context + 1);
 
   afm::Tensor q, out;
-  auto storage = std::make_shared<std::vector<float>>(2 * kHeads * kHeadDim);
-  for (float& x : *storage) x = normal(rng);
-  q.data = storage->data(), q.rows = 1, q.cols = kHeads * kHeadDim;
-  out.data = storage->data() + kHeads * kHeadDim, out.rows = 1, out.cols = kHeads * kHeadDim;
+  std::vector<float> storage(2 * kHeads * kHeadDim);  // q, then out
+  for (float& x : storage) x = normal(rng);
+  q.data = storage.data(), q.rows = 1, q.cols = kHeads * kHeadDim;
+  out.data = storage.data() + kHeads * kHeadDim, out.rows = 1, out.cols = kHeads * kHeadDim;
   const int32_t position[] = {int32_t(context)};
 
   double seconds = 0;
