@@ -43,7 +43,8 @@ using AccumulateFn = void (*)(const float* p, int rows, const uint8_t* values, i
                               const float* alpha, float* o, const uint8_t* next_values);
 
 // The kernels for one ISA and cache type. For all three, rows r < `rows` are query rows of
-// head_dim (q and o at r * head_dim) and s, p are [rows][kChunk].
+// head_dim (q and o at r * head_dim) and s, p are [rows][kChunk]. next_keys / next_values are
+// the next chunk's (null for the last), which the SIMD kernels fetch into cache as they go.
 struct Kernels {
   // Scores of the kChunk slots starting at `keys` (element (d, j) at d * stride + j). Slots past
   // the chunk's end give meaningless scores, which softmax masks.
