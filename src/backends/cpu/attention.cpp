@@ -44,7 +44,7 @@ using AccumulateFn = void (*)(const float* p, int rows, const uint8_t* values, i
 
 // The kernels for one ISA and cache type. For all three, rows r < `rows` are query rows of
 // head_dim (q and o at r * head_dim) and s, p are [rows][kChunk]. next_keys / next_values are
-// the next chunk's (null for the last), which the SIMD kernels fetch into cache as they go.
+// the next chunk's (null for the last), which the kernels fetch into cache as they go.
 struct Kernels {
   // Scores of the kChunk slots starting at `keys` (element (d, j) at d * stride + j). Slots past
   // the chunk's end give meaningless scores, which softmax masks.
@@ -61,7 +61,7 @@ struct Kernels {
 class ChunkPrefetch {
  public:
   ChunkPrefetch(const uint8_t* next, int64_t bytes, int64_t steps)
-      : next_(next), lines_((bytes + 63) / 64), per_step_((lines_ + steps - 1) / steps) {}
+      : next_(next), lines_((bytes + 63) / 64), per_step_(steps > 0 ? (lines_ + steps - 1) / steps : lines_) {}
   void step() {
     if (!next_) return;
     for (int64_t i = 0; i < per_step_ && line_ < lines_; i++, line_++) __builtin_prefetch(next_ + 64 * line_);
@@ -90,9 +90,11 @@ float element(const uint8_t* p, int64_t i) {
 
 template <KVCacheType T>
 void scores_scalar(const float* q, int rows, const uint8_t* keys, int64_t stride, int64_t head_dim, float* s,
-                   const uint8_t* /*next_keys*/) {
+                   const uint8_t* next_keys) {
+  ChunkPrefetch prefetch(next_keys, head_dim * stride * kv_element_bytes(T), kChunk);
   for (int r = 0; r < rows; r++)
     for (int j = 0; j < kChunk; j++) {
+      prefetch.step();
       float acc = 0;
       for (int64_t d = 0; d < head_dim; d++) acc += q[r * head_dim + d] * element<T>(keys, d * stride + j);
       s[r * kChunk + j] = acc;
@@ -120,8 +122,10 @@ void softmax_scalar(float* s, int rows, const int* limit, float* m, float* l, fl
 
 template <KVCacheType T>
 void accumulate_scalar(const float* p, int rows, const uint8_t* values, int n, int64_t head_dim, const float* alpha,
-                       float* o, const uint8_t* /*next_values*/) {
+                       float* o, const uint8_t* next_values) {
+  ChunkPrefetch prefetch(next_values, kChunk * head_dim * kv_element_bytes(T), rows);
   for (int r = 0; r < rows; r++) {
+    prefetch.step();
     float* out = o + r * head_dim;
     for (int64_t d = 0; d < head_dim; d++) out[d] *= alpha[r];
     for (int j = 0; j < n; j++) {
