@@ -132,7 +132,7 @@ void Int8PanelsDecode(benchmark::State& state) {
   const int64_t rows = 7 * 18432 / 2, cols = 2560;
   Matrix m = make_matrix(format, rows, cols);
   m.weight.inputs = afm::MatmulInputs::Int8;
-  const afm::Weight packed = afm::cpu::int8_panels(m.weight, pool);
+  const afm::Weight packed = afm::cpu::int8_panels(m.weight);
   std::vector<float> x(cols), out(rows);
   std::mt19937 rng(3);
   std::normal_distribution<float> normal;

@@ -40,6 +40,10 @@ class Backend {
   // Each weight once, at load: the backend may lay it out for its own kernels (WeightLayout::Backend)
   // or move it into its memory. What it returns is what the model passes to the ops.
   virtual Weight upload(Weight w) { return w; }
+  // Each checkpoint matrix once, at load: converted to `format` for matmuls that round their
+  // inputs to `inputs` (a block-float format's; others keep make_weight's) and uploaded. A
+  // backend may instead convert it straight into its own layout, never holding the rows.
+  virtual Weight load_matrix(const TensorView& view, WeightFormat format, MatmulInputs inputs);
 
   // out[t] = table[ids[t]]
   virtual void embedding(const Weight& table, std::span<const int32_t> ids, Tensor& out) = 0;

@@ -44,6 +44,12 @@ std::unique_ptr<Backend> make_backend(Device device, int num_threads) {
   throw Error("this build of afm has no " + device.name() + " backend");
 }
 
+Weight Backend::load_matrix(const TensorView& view, WeightFormat format, MatmulInputs inputs) {
+  Weight w = make_weight(view, format);
+  if (is_block_float(w.format)) w.inputs = inputs;
+  return upload(std::move(w));
+}
+
 KVCacheType default_kv_cache_type(WeightFormat weights) {
   return weights == WeightFormat::F32 ? KVCacheType::F32 : KVCacheType::F16;
 }
@@ -119,18 +125,17 @@ const TensorView& WeightLoader::make_random(const std::string& name, std::vector
 }
 
 Weight WeightLoader::matrix(const std::string& name, int64_t rows, int64_t cols, WeightFormat format) {
-  Weight w = make_weight(fetch(name, {rows, cols}), format);
-  if (is_block_float(w.format)) w.inputs = block_float_inputs_;
+  Weight w = backend_.load_matrix(fetch(name, {rows, cols}), format, block_float_inputs_);
   // A made-up tensor lives on only in a Weight that points at it; converted, it can go (a tied
   // weight asked for again is made again, with the same values).
   random_.erase(name);
-  return backend_ ? backend_->upload(std::move(w)) : w;
+  return w;
 }
 
 Weight WeightLoader::vector(const std::string& name, int64_t size) {
   Weight w = make_weight(fetch(name, {size}), WeightFormat::F32);
   random_.erase(name);
-  return backend_ ? backend_->upload(std::move(w)) : w;
+  return backend_.upload(std::move(w));
 }
 
 void WeightLoader::check_all_used() const {

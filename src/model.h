@@ -104,7 +104,7 @@ struct ModelContext {
 // given, and afterwards reports any tensor in the checkpoint that the model never asked for.
 class WeightLoader {
  public:
-  explicit WeightLoader(const Checkpoint& checkpoint, const ModelOptions& options = {}, Backend* backend = nullptr)
+  WeightLoader(const Checkpoint& checkpoint, const ModelOptions& options, Backend& backend)
       : checkpoint_(checkpoint), block_float_inputs_(options.block_float_inputs), backend_(backend) {}
   Weight matrix(const std::string& name, int64_t rows, int64_t cols, WeightFormat format);
   Weight vector(const std::string& name, int64_t size);  // norm weights: always exact
@@ -116,7 +116,7 @@ class WeightLoader {
   const TensorView& make_random(const std::string& name, std::vector<int64_t> shape);
   const Checkpoint& checkpoint_;
   MatmulInputs block_float_inputs_;
-  Backend* backend_;
+  Backend& backend_;
   std::vector<std::string> used_;
   std::map<std::string, TensorView> random_;  // tensors made up for a random checkpoint
 };

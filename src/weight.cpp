@@ -98,6 +98,23 @@ std::shared_ptr<uint8_t[]> allocate_streamed(int64_t bytes) {
   return std::shared_ptr<uint8_t[]>(p, std::free);
 }
 
+bool converts_at_load(const TensorView& view, WeightFormat target) { return !mapped_format(view, target); }
+
+void convert_row(const TensorView& view, int64_t row, WeightFormat target, float* scratch, uint8_t* dst) {
+  const int64_t cols = view.shape.back();
+  floats_to_f32(view.dtype, view.data + row * dtype_row_bytes(view.dtype, cols), cols, scratch);
+  if (target == WeightFormat::F32) {
+    std::memcpy(dst, scratch, 4 * cols);
+  } else if (target == WeightFormat::BF16) {
+    for (int64_t c = 0; c < cols; c++) {
+      const uint16_t h = f32_to_bf16(scratch[c]);
+      std::memcpy(dst + 2 * c, &h, 2);
+    }
+  } else {
+    block_float_quantize_row(target, scratch, cols, dst);
+  }
+}
+
 Weight make_weight(const TensorView& view, WeightFormat target) {
   if (view.shape.empty() || view.shape.size() > 2) throw Error(view.describe() + ": expected a vector or a matrix");
   Weight w;
@@ -116,34 +133,18 @@ Weight make_weight(const TensorView& view, WeightFormat target) {
   }
   // Block-quantized rows are dequantized (exactly as ggml or blockfloat.h do) and then stored in
   // the target.
-  const int64_t source_row_bytes = dtype_row_bytes(view.dtype, w.cols);
-
   w.format = target;
   w.row_bytes = row_bytes(target, w.cols);
-  // Plain pages, not allocate_streamed's: converted rows are either packed by the backend's upload
-  // and freed, or read by kernels bound by instructions, and huge pages made this load up to 1.6x
-  // slower (the kernel finds and zeroes 2 MiB at a time).
+  // Plain pages, not allocate_streamed's: converted rows are read by kernels bound by
+  // instructions, and huge pages made this load up to 1.6x slower (the kernel finds and zeroes
+  // 2 MiB at a time).
   auto buffer = std::shared_ptr<uint8_t[]>(new uint8_t[w.rows * w.row_bytes]);
-  auto convert_rows = [&](int64_t begin, int64_t end) {
-    std::vector<float> row(w.cols);
-    for (int64_t r = begin; r < end; r++) {
-      uint8_t* dst = buffer.get() + r * w.row_bytes;
-      floats_to_f32(view.dtype, view.data + r * source_row_bytes, w.cols, row.data());
-      if (target == WeightFormat::F32) {
-        std::memcpy(dst, row.data(), w.row_bytes);
-      } else if (target == WeightFormat::BF16) {
-        for (int64_t c = 0; c < w.cols; c++) {
-          uint16_t h = f32_to_bf16(row[c]);
-          std::memcpy(dst + 2 * c, &h, 2);
-        }
-      } else {
-        block_float_quantize_row(target, row.data(), w.cols, dst);
-      }
-    }
-  };
   // Rows convert independently; a 4.6B-parameter model is worth every core at load. An error in
   // any thread (a non-finite weight) is rethrown here.
-  parallel_for(w.rows, 64, convert_rows);
+  parallel_for(w.rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(w.cols);
+    for (int64_t r = begin; r < end; r++) convert_row(view, r, target, scratch.data(), buffer.get() + r * w.row_bytes);
+  });
   if (view.file_mapped) release_file_pages(view.data, view.nbytes);
   w.data = buffer.get();
   w.owner = buffer;

@@ -59,6 +59,14 @@ std::shared_ptr<uint8_t[]> allocate_streamed(int64_t bytes);
 // Other targets convert at load. Every target but F32 reads its inputs as bf16.
 Weight make_weight(const TensorView& view, WeightFormat target);
 
+// Whether make_weight(view, target) converts (rather than pointing into the file's bytes).
+bool converts_at_load(const TensorView& view, WeightFormat target);
+
+// Row `row` of the matrix `view` converted to `target` as make_weight converts it, into dst
+// (target's row bytes); scratch holds a row of floats. Throws afm::Error for a non-finite value
+// where the target is block-float.
+void convert_row(const TensorView& view, int64_t row, WeightFormat target, float* scratch, uint8_t* dst);
+
 // The bytes make_weight(view, target) holds: the file's own bytes where it maps them, else the
 // converted rows. What a memory budget counts before loading.
 int64_t weight_bytes(const TensorView& view, WeightFormat target);

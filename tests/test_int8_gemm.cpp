@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <memory>
 #include <limits>
 #include <random>
 #include <vector>
@@ -14,7 +16,9 @@
 #include "backends/cpu/int8_gemm.h"
 #include "backends/cpu/panels.h"
 #include "blockfloat.h"
+#include "dtype.h"
 #include "error.h"
+#include "numeric.h"
 #include "support/random_weights.h"
 
 using afm::Weight;
@@ -61,7 +65,7 @@ TEST(Int8Gemm, MatchesExactProductOnOddShapes) {
       afm::cpu::int8_gemm(m.weight, q, out.data(), pool, Isa::Avx512Vnni);
       EXPECT_EQ(out.back(), 77.0f) << "wrote past the output";
       // Packed at load, the same micro-kernel calls in the same order: the same floats.
-      const Weight packed = afm::cpu::int8_panels(m.weight, pool, Isa::Avx512Vnni);
+      const Weight packed = afm::cpu::int8_panels(m.weight, Isa::Avx512Vnni);
       EXPECT_EQ(packed.layout, afm::WeightLayout::Backend);
       EXPECT_EQ(packed.bytes(), s.rows * (afm::cpu::round_up(s.cols, 64) / 16 * (payload + 1)));
       std::vector<float> from_panels(out.size(), 77.0f);
@@ -102,7 +106,7 @@ TEST(Int8Gemm, TheCpuBackendPacksBlockFloatForIntegerActivationsAtUpload) {
       ASSERT_EQ(uploaded.layout, afm::WeightLayout::Backend);
       float row[cols];
       EXPECT_THROW(afm::dequantize_row(uploaded, 0, row), afm::Error);
-      EXPECT_THROW(afm::cpu::int8_panels(uploaded, pool), afm::Error);
+      EXPECT_THROW(afm::cpu::int8_panels(uploaded), afm::Error);
       for (int64_t tokens : {1, 3, 6, 20}) {
         const std::vector<float> x = random_activations(tokens, cols, rng);
         afm::Tensor in = backend->tensor(tokens, cols), out = backend->tensor(tokens, rows);
@@ -126,6 +130,88 @@ TEST(Int8Gemm, TheCpuBackendPacksBlockFloatForIntegerActivationsAtUpload) {
     const Matrix other = afm::test::make_matrix(format, rows, cols, inputs, rng);
     EXPECT_EQ(backend->upload(other.weight).layout, afm::WeightLayout::Rows) << afm::format_name(format);
   }
+}
+
+// A checkpoint matrix converted straight into panels, a panel's rows at a time, gives the bytes
+// of the two-step route (convert the whole matrix to rows, then pack them), from each float
+// dtype and on shapes with partial panels and blocks; a non-finite weight is an error naming its
+// column; and the CPU backend takes this route for a converted matrix and the rows' for one the
+// checkpoint already stores packed.
+TEST(Int8Gemm, PanelsStraightFromACheckpointMatrixMatchPackedRows) {
+  if (!afm::cpu::int8_gemm_supported(afm::cpu::best_isa())) GTEST_SKIP() << "CPU has no AVX-512 VNNI";
+  std::mt19937 rng(21);
+  std::normal_distribution<float> normal(0.0f, 0.05f);
+  struct Shape {
+    int64_t rows, cols;
+  };
+  for (const Shape& s : {Shape{1, 1}, Shape{33, 17}, Shape{70, 300}, Shape{64, 256}, Shape{100, 513}}) {
+    std::vector<float> values(s.rows * s.cols);
+    for (float& v : values) v = normal(rng);
+    for (afm::DType dtype : {afm::DType::F32, afm::DType::BF16, afm::DType::F16}) {
+      const int64_t element = dtype == afm::DType::F32 ? 4 : 2;
+      auto bytes = std::make_shared<std::vector<uint8_t>>(values.size() * element);
+      for (size_t i = 0; i < values.size(); i++) {
+        const uint16_t h = dtype == afm::DType::BF16 ? afm::f32_to_bf16(values[i]) : afm::f32_to_f16(values[i]);
+        if (dtype == afm::DType::F32) std::memcpy(bytes->data() + 4 * i, &values[i], 4);
+        else std::memcpy(bytes->data() + 2 * i, &h, 2);
+      }
+      afm::TensorView view;
+      view.name = "w";
+      view.dtype = dtype;
+      view.shape = {s.rows, s.cols};
+      view.data = bytes->data();
+      view.nbytes = int64_t(bytes->size());
+      view.owner = bytes;
+      for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
+        const Weight direct = afm::cpu::int8_panels(view, f, afm::MatmulInputs::Int16);
+        Weight rows = afm::make_weight(view, f);
+        rows.inputs = afm::MatmulInputs::Int16;
+        const Weight two_step = afm::cpu::int8_panels(rows);
+        ASSERT_EQ(direct.layout, afm::WeightLayout::Backend);
+        EXPECT_EQ(direct.inputs, afm::MatmulInputs::Int16);
+        EXPECT_EQ(direct.rows, s.rows);
+        EXPECT_EQ(direct.cols, s.cols);
+        ASSERT_EQ(direct.bytes(), two_step.bytes());
+        EXPECT_EQ(std::memcmp(direct.data, two_step.data, size_t(direct.bytes())), 0)
+            << afm::format_name(f) << " from " << afm::dtype_name(dtype) << " " << s.rows << "x" << s.cols;
+      }
+    }
+  }
+  // A NaN in the last panel's rows.
+  std::vector<float> values(40 * 64, 0.5f);
+  values[35 * 64 + 20] = std::numeric_limits<float>::quiet_NaN();
+  afm::TensorView view;
+  view.name = "w";
+  view.shape = {40, 64};
+  view.data = reinterpret_cast<const uint8_t*>(values.data());
+  view.nbytes = int64_t(values.size() * 4);
+  try {
+    afm::cpu::int8_panels(view, WeightFormat::BFP8, afm::MatmulInputs::Int8);
+    ADD_FAILURE() << "a NaN weight was packed";
+  } catch (const afm::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("non-finite value at column 20"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(afm::cpu::int8_panels(view, WeightFormat::BF16, afm::MatmulInputs::Int8), afm::Error);
+
+  const auto backend = afm::make_backend(afm::Device::cpu(), 2);
+  values[35 * 64 + 20] = 0.25f;
+  const Weight loaded = backend->load_matrix(view, WeightFormat::BFP8, afm::MatmulInputs::Int16);
+  const Weight packed = afm::cpu::int8_panels(view, WeightFormat::BFP8, afm::MatmulInputs::Int16);
+  ASSERT_EQ(loaded.layout, afm::WeightLayout::Backend);
+  EXPECT_EQ(loaded.inputs, afm::MatmulInputs::Int16);
+  EXPECT_EQ(std::memcmp(loaded.data, packed.data, size_t(packed.bytes())), 0);
+  // Stored as bfp8 rows already (afm convert's output): those rows are packed, not converted again.
+  const Weight stored_rows = afm::make_weight(view, WeightFormat::BFP8);
+  afm::TensorView stored = view;
+  stored.dtype = afm::DType::BFP8;
+  stored.data = stored_rows.data;
+  stored.nbytes = stored_rows.bytes();
+  EXPECT_FALSE(afm::converts_at_load(stored, WeightFormat::BFP8));
+  const Weight from_stored = backend->load_matrix(stored, WeightFormat::BFP8, afm::MatmulInputs::Int16);
+  ASSERT_EQ(from_stored.layout, afm::WeightLayout::Backend);
+  EXPECT_EQ(std::memcmp(from_stored.data, packed.data, size_t(packed.bytes())), 0);
+  // bf16 activations keep rows.
+  EXPECT_EQ(backend->load_matrix(view, WeightFormat::BFP8, afm::MatmulInputs::BF16).layout, afm::WeightLayout::Rows);
 }
 
 TEST(Int8Gemm, NonFiniteActivationsGiveNaN) {
@@ -236,7 +322,7 @@ TEST(Int16Activations, PackedGemmMatchesExactProductOnOddShapes) {
   for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
     for (const Shape& s : shapes) {
       const Matrix m = afm::test::make_matrix(f, s.rows, s.cols, afm::MatmulInputs::Int16, rng);
-      const Weight packed = afm::cpu::int8_panels(m.weight, pool, Isa::Avx512Vnni);
+      const Weight packed = afm::cpu::int8_panels(m.weight, Isa::Avx512Vnni);
       const std::vector<float> x = random_activations(s.tokens, s.cols, rng);
       afm::cpu::Int8Rows q, q8;
       afm::cpu::quantize_int16_rows(f, x.data(), s.tokens, s.cols, q, &pool);

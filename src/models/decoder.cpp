@@ -27,7 +27,7 @@ struct DecoderWeights {
 DecoderWeights load_weights(const ModelConfig& c, const Checkpoint& checkpoint, const ModelOptions& options,
                             MlpKind mlp, Backend& backend) {
   const WeightFormat format = options.weights;
-  WeightLoader load(checkpoint, options, &backend);
+  WeightLoader load(checkpoint, options, backend);
   const int64_t hidden = c.hidden_size, ffn = c.intermediate_size;
   const int64_t q_dim = c.num_heads * c.head_dim, kv_dim = c.num_kv_heads * c.head_dim;
   DecoderWeights w;

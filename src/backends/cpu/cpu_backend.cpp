@@ -34,15 +34,23 @@ class CpuBackend final : public Backend {
     return t;
   }
 
-  // Block-float weights for int8 or int16 activations are packed for the int8 GEMM once, here,
-  // where the CPU has it: every matmul then streams its panels, whatever the tokens (decode
+  // Block-float weights for int8 or int16 activations are packed for the int8 GEMM once, at
+  // load, where the CPU has it: every matmul then streams its panels, whatever the tokens (decode
   // included), and packs nothing.
+  static bool packs_panels(WeightFormat format, MatmulInputs inputs) {
+    const bool integer_inputs = inputs == MatmulInputs::Int8 || inputs == MatmulInputs::Int16;
+    return is_block_float(format) && integer_inputs && cpu::int8_gemm_supported(cpu::best_isa());
+  }
+
   Weight upload(Weight w) override {
-    const bool integer_inputs = w.inputs == MatmulInputs::Int8 || w.inputs == MatmulInputs::Int16;
-    if (is_block_float(w.format) && integer_inputs && w.layout == WeightLayout::Rows &&
-        cpu::int8_gemm_supported(cpu::best_isa()))
-      return cpu::int8_panels(w, pool_);
-    return w;
+    return packs_panels(w.format, w.inputs) && w.layout == WeightLayout::Rows ? cpu::int8_panels(w) : w;
+  }
+
+  // A matrix converted at load goes straight into panels, a few rows at a time: the converted
+  // rows are never held, which halves the fresh memory a load touches.
+  Weight load_matrix(const TensorView& view, WeightFormat format, MatmulInputs inputs) override {
+    if (packs_panels(format, inputs) && converts_at_load(view, format)) return cpu::int8_panels(view, format, inputs);
+    return Backend::load_matrix(view, format, inputs);
   }
 
   void embedding(const Weight& table, std::span<const int32_t> ids, Tensor& out) override {

@@ -24,6 +24,7 @@
 #include "backends/cpu/panels.h"
 #include "blockfloat.h"
 #include "error.h"
+#include "parallel_for.h"
 
 namespace afm::cpu {
 
@@ -177,11 +178,11 @@ int64_t quad_bytes(int64_t columns) { return columns * kPanelRows * BF::payload_
 template <class BF>
 int64_t panel_bytes(int64_t columns) { return quad_bytes<BF>(columns) + columns / kBlockFloatBlock * kPanelRows; }
 
-// Panel p of w (rows 32 p.., as many as are left) into `panel`.
+// A panel's weight rows (up to 32, w.rows of them) into `panel`.
 template <class BF>
-AFM_AVX512_VNNI void pack_whole_panel(const Weight& w, int64_t p, int64_t padded, uint8_t* panel) {
-  const int64_t blocks = block_float_blocks(w.cols), rows = std::min(kPanelRows, w.rows - p * kPanelRows);
-  const uint8_t* w_row = w.data + p * kPanelRows * w.row_bytes;
+AFM_AVX512_VNNI void pack_whole_panel(const Weight& w, int64_t padded, uint8_t* panel) {
+  const int64_t blocks = block_float_blocks(w.cols), rows = w.rows;
+  const uint8_t* w_row = w.data;
   thread_local std::vector<uint8_t> byte_quads;  // bfp4's a byte per weight, before pairing
   for (int64_t k0 = 0; k0 < padded; k0 += kDepth) {
     const int64_t columns = std::min(kDepth, padded - k0);
@@ -302,6 +303,36 @@ void gemm_block(const Weight& w, PackFn pack_panel, const Int8Rows& x, float* ou
 
 #endif  // AFM_X86
 
+// A matrix of `shape`'s format and size with every panel packed, panel p from the weight rows
+// (a Weight of up to 32 rows) that panel_rows(p) gives, on every core. An error in any thread
+// is rethrown.
+template <class PanelRows>
+Weight pack_panels(const Weight& shape, const PanelRows& panel_rows) {
+#ifdef AFM_X86
+  const bool bfp8 = shape.format == WeightFormat::BFP8;
+  const int64_t padded = std::max<int64_t>(kInt8Group, round_up(shape.cols, kInt8Group));
+  const int64_t per_panel = bfp8 ? panel_bytes<Bfp8>(padded) : panel_bytes<Bfp4>(padded);
+  const int64_t panels = (shape.rows + kPanelRows - 1) / kPanelRows, bytes = panels * per_panel;
+  std::shared_ptr<uint8_t[]> buffer = allocate_streamed(bytes);
+  parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++)
+      (bfp8 ? pack_whole_panel<Bfp8> : pack_whole_panel<Bfp4>)(panel_rows(p), padded, buffer.get() + p * per_panel);
+  });
+  Weight packed = shape;
+  packed.data = buffer.get();
+  packed.row_bytes = per_panel / kPanelRows;  // a row's share of its panel
+  packed.layout = WeightLayout::Backend;
+  packed.file_mapped = false;
+  packed.owner = std::move(buffer);
+  return packed;
+#else
+  (void)panel_rows;
+  return shape;  // never called: int8_gemm_supported is false off x86
+#endif
+}
+
+int64_t panel_row_count(const Weight& w, int64_t p) { return std::min(kPanelRows, w.rows - p * kPanelRows); }
+
 }  // namespace
 
 bool int8_gemm_supported(Isa isa) {
@@ -340,32 +371,46 @@ void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool,
 #endif
 }
 
-Weight int8_panels(const Weight& w, ThreadPool& pool, Isa isa) {
+Weight int8_panels(const Weight& w, Isa isa) {
   if (!int8_gemm_supported(isa)) throw Error(std::string("int8 panels: no kernels for ") + isa_name(isa) + " on this CPU");
   if (!is_block_float(w.format) || w.layout != WeightLayout::Rows)
     throw Error("int8 panels: only for bfp8 and bfp4 weights laid out as rows, not " + format_name(w.format));
-#ifdef AFM_X86
-  const bool bfp8 = w.format == WeightFormat::BFP8;
-  const int64_t padded = std::max<int64_t>(kInt8Group, round_up(w.cols, kInt8Group));
-  const int64_t per_panel = bfp8 ? panel_bytes<Bfp8>(padded) : panel_bytes<Bfp4>(padded);
-  const int64_t panels = (w.rows + kPanelRows - 1) / kPanelRows, bytes = panels * per_panel;
-  std::shared_ptr<uint8_t[]> buffer = allocate_streamed(bytes);
-  pool.parallel_for(panels, 1, bytes, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; p++)
-      (bfp8 ? pack_whole_panel<Bfp8> : pack_whole_panel<Bfp4>)(w, p, padded, buffer.get() + p * per_panel);
+  Weight packed = pack_panels(w, [&](int64_t p) {
+    Weight rows = w;
+    rows.data = w.data + p * kPanelRows * w.row_bytes;
+    rows.rows = panel_row_count(w, p);
+    return rows;
   });
   if (w.file_mapped) release_file_pages(w.data, w.bytes());
-  Weight packed = w;
-  packed.data = buffer.get();
-  packed.row_bytes = per_panel / kPanelRows;  // a row's share of its panel
-  packed.layout = WeightLayout::Backend;
-  packed.file_mapped = false;
-  packed.owner = std::move(buffer);
   return packed;
-#else
-  (void)pool;
-  return w;
-#endif
+}
+
+Weight int8_panels(const TensorView& view, WeightFormat format, MatmulInputs inputs, Isa isa) {
+  if (!int8_gemm_supported(isa)) throw Error(std::string("int8 panels: no kernels for ") + isa_name(isa) + " on this CPU");
+  if (!is_block_float(format) || view.shape.size() != 2)
+    throw Error("int8 panels: only bfp8 and bfp4 matrices, not " + format_name(format) + " for " + view.describe());
+  Weight shape;
+  shape.format = format;
+  shape.rows = view.shape[0];
+  shape.cols = view.shape[1];
+  shape.row_bytes = block_float_row_bytes(format, shape.cols);
+  shape.inputs = inputs;
+  // Each panel's rows are converted into a buffer that stays in cache and packed from there: the
+  // converted matrix is never held, so load touches fresh memory once, for the panels.
+  Weight packed = pack_panels(shape, [&](int64_t p) {
+    thread_local std::vector<uint8_t> converted;
+    thread_local std::vector<float> scratch;
+    Weight rows = shape;
+    rows.rows = panel_row_count(shape, p);
+    converted.resize(rows.rows * rows.row_bytes);
+    scratch.resize(shape.cols);
+    for (int64_t r = 0; r < rows.rows; r++)
+      convert_row(view, p * kPanelRows + r, format, scratch.data(), converted.data() + r * rows.row_bytes);
+    rows.data = converted.data();
+    return rows;
+  });
+  if (view.file_mapped) release_file_pages(view.data, view.nbytes);
+  return packed;
 }
 
 }  // namespace afm::cpu

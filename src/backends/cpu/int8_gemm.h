@@ -29,8 +29,13 @@ void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool,
 // bfp8 / bfp4 rows re-laid out, once, as every panel int8_gemm would pack, in one buffer (the
 // rows' file pages released when mapped): a matmul then streams its weights in order and packs
 // nothing. The same bytes per weight as the rows: bfp4 keeps two weights per byte, and its
-// micro-kernel splits them. Throws afm::Error for another format or layout, or when
-// !int8_gemm_supported(isa).
-Weight int8_panels(const Weight& w, ThreadPool& pool, Isa isa = best_isa());
+// micro-kernel splits them. Packs on every core. Throws afm::Error for another format or layout,
+// or when !int8_gemm_supported(isa).
+Weight int8_panels(const Weight& w, Isa isa = best_isa());
+
+// The same panels straight from a checkpoint matrix of any floating-point dtype, converted to
+// `format` (bfp8 / bfp4) as make_weight converts it but a panel's rows at a time, for matmuls on
+// `inputs` (int8 or int16). Throws afm::Error as make_weight does, or as above.
+Weight int8_panels(const TensorView& view, WeightFormat format, MatmulInputs inputs, Isa isa = best_isa());
 
 }  // namespace afm::cpu
