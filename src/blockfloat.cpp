@@ -8,6 +8,10 @@
 #include "error.h"
 #include "multiversion.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace afm {
 
 namespace {
@@ -23,9 +27,9 @@ inline void encode_block(const uint32_t* bits, uint32_t shared_exp, int32_t* mag
     const uint32_t exp = (bits[j] >> 23) & 0xFF;
     const uint32_t shift = std::min(shared_exp - exp, 31u);
     const uint32_t mantissa = ((bits[j] & 0x7FFFFF) | 0x800000) >> shift;  // truncating first
-    const uint32_t rest = mantissa & ((1u << kShift) - 1);
-    uint32_t mag = mantissa >> kShift;
-    mag += uint32_t(rest > kTie) | (uint32_t(rest == kTie) & mag);  // to nearest, ties to even
+    // To nearest, ties to even: the dropped bits carry into the kept ones when above the tie, or
+    // at it with the lowest kept bit odd.
+    uint32_t mag = (mantissa + kTie - 1 + ((mantissa >> kShift) & 1)) >> kShift;
     mag = std::min(mag, BlockFloat<MagBits>::mag_mask);             // saturate rather than carry
     mag = exp == 0 ? 0 : mag;  // zero or subnormal: flushed, and no negative zero
     mags[j] = bits[j] >> 31 ? -int32_t(mag) : int32_t(mag);
@@ -63,6 +67,62 @@ inline void quantize_row(const float* src, int64_t cols, uint8_t* dst) {
 AFM_VECTORIZED_CLONES void quantize_bfp8_row(const float* src, int64_t cols, uint8_t* dst) { quantize_row<7>(src, cols, dst); }
 AFM_VECTORIZED_CLONES void quantize_bfp4_row(const float* src, int64_t cols, uint8_t* dst) { quantize_row<3>(src, cols, dst); }
 
+#if defined(__x86_64__)
+// The same rule with a block in one AVX-512 register, which is what makes load fast: the portable
+// loop, vectorized by the compiler across a block, spends most of its time on the shared
+// exponent's reduction and the byte packing. The shared exponent is reduced within the register
+// (it is wanted there, in every lane), so consecutive blocks overlap. A row holding inf or NaN
+// is quantized again by the portable loop, which names the column.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's AVX-512 headers (see backends/cpu/dot.cpp)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <int MagBits>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_row_avx512(const float* src, int64_t cols,
+                                                                                uint8_t* dst) {
+  using BF = BlockFloat<MagBits>;
+  constexpr int kShift = 24 - MagBits;
+  const int64_t nb = block_float_blocks(cols);
+  uint8_t* payload = dst + nb;
+  const __m512i exp_mask = _mm512_set1_epi32(0xFF), one = _mm512_set1_epi32(1);
+  const __m512i tie_less_one = _mm512_set1_epi32((1 << (kShift - 1)) - 1);
+  __mmask16 non_finite = 0;
+  for (int64_t b = 0; b < nb; b++) {
+    const int64_t n = std::min(kBlockFloatBlock, cols - b * kBlockFloatBlock);
+    const float* in = src + b * kBlockFloatBlock;
+    const __m512i bits = n == kBlockFloatBlock ? _mm512_loadu_si512(in) : _mm512_maskz_loadu_epi32(__mmask16((1u << n) - 1), in);
+    const __m512i exp = _mm512_and_si512(_mm512_srli_epi32(bits, 23), exp_mask);
+    __m512i shared = _mm512_max_epu32(exp, _mm512_shuffle_i32x4(exp, exp, 0x4E));  // halves swapped
+    shared = _mm512_max_epu32(shared, _mm512_shuffle_i32x4(shared, shared, 0xB1));  // quarters
+    shared = _mm512_max_epu32(shared, _mm512_shuffle_epi32(shared, _MM_PERM_BADC));
+    shared = _mm512_max_epu32(shared, _mm512_shuffle_epi32(shared, _MM_PERM_CDAB));  // in every lane
+    non_finite |= _mm512_cmpeq_epi32_mask(shared, exp_mask);
+    dst[b] = uint8_t(_mm_cvtsi128_si32(_mm512_castsi512_si128(shared)));
+    const __m512i shift = _mm512_min_epu32(_mm512_sub_epi32(shared, exp), _mm512_set1_epi32(31));
+    // (bits & 0x7FFFFF) | 0x800000 in one ternary-logic instruction (A & B | C).
+    const __m512i mantissa = _mm512_srlv_epi32(
+        _mm512_ternarylogic_epi32(bits, _mm512_set1_epi32(0x7FFFFF), _mm512_set1_epi32(0x800000), 0xEA), shift);
+    // Rounded to nearest, ties to even, as (m + tie - 1 + the kept lowest bit) >> kShift.
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(mantissa, kShift), one);
+    __m512i mag = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(mantissa, tie_less_one), odd), kShift);
+    mag = _mm512_min_epu32(mag, _mm512_set1_epi32(int(BF::mag_mask)));
+    mag = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(exp, exp), mag);  // zeros and subnormals: 0
+    const __m512i mags = _mm512_mask_sub_epi32(mag, _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512()),
+                                               _mm512_setzero_si512(), mag);
+    uint8_t* out = payload + b * BF::payload_bytes;
+    if constexpr (MagBits == 7) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(mags));
+    } else {
+      const __m512i nibbles = _mm512_and_si512(mags, _mm512_set1_epi32(0xF));
+      const __m256i pairs = _mm256_or_si256(_mm512_castsi512_si256(nibbles),
+                                            _mm256_slli_epi32(_mm512_extracti64x4_epi64(nibbles, 1), 4));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm256_cvtepi32_epi8(pairs));
+    }
+  }
+  if (non_finite) quantize_row<MagBits>(src, cols, dst);
+}
+#pragma GCC diagnostic pop
+#endif
+
 template <int MagBits>
 void dequantize_row(const uint8_t* src, int64_t cols, float* dst) {
   const uint8_t* payloads = src + block_float_blocks(cols);
@@ -86,8 +146,23 @@ int64_t block_float_row_bytes(WeightFormat format, int64_t cols) {
   return format == WeightFormat::BFP8 ? Bfp8::row_bytes(cols) : Bfp4::row_bytes(cols);
 }
 
-void block_float_quantize_row(WeightFormat format, const float* src, int64_t cols, uint8_t* dst) {
+bool quantizer_supported(Quantizer quantizer) {
+  if (quantizer != Quantizer::Avx512) return true;
+#if defined(__x86_64__)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+void block_float_quantize_row(WeightFormat format, const float* src, int64_t cols, uint8_t* dst, Quantizer quantizer) {
   check_block_float(format);
+  static const bool has_avx512 = quantizer_supported(Quantizer::Avx512);
+  if (quantizer == Quantizer::Avx512 && !has_avx512) throw Error("block-float conversion: this CPU has no AVX-512");
+#if defined(__x86_64__)
+  if (quantizer != Quantizer::Portable && has_avx512)
+    return format == WeightFormat::BFP8 ? quantize_row_avx512<7>(src, cols, dst) : quantize_row_avx512<3>(src, cols, dst);
+#endif
   if (format == WeightFormat::BFP8) {
     quantize_bfp8_row(src, cols, dst);
   } else {

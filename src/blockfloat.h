@@ -52,8 +52,15 @@ inline int64_t block_float_blocks(int64_t cols) { return (cols + kBlockFloatBloc
 
 // Bytes of one packed row of `cols` values. Throws afm::Error unless format is BFP8 or BFP4.
 int64_t block_float_row_bytes(WeightFormat format, int64_t cols);
-// Packs src[0..cols) into dst[0..block_float_row_bytes). Throws afm::Error on inf/nan.
-void block_float_quantize_row(WeightFormat format, const float* src, int64_t cols, uint8_t* dst);
+// The quantizer's versions, which give the same bytes: the portable loop (compiled per ISA), and
+// one in AVX-512 F/BW/VL, which Best takes where the CPU has it.
+enum class Quantizer { Best, Portable, Avx512 };
+bool quantizer_supported(Quantizer quantizer);
+
+// Packs src[0..cols) into dst[0..block_float_row_bytes). Throws afm::Error on inf/nan, or for a
+// quantizer this CPU lacks.
+void block_float_quantize_row(WeightFormat format, const float* src, int64_t cols, uint8_t* dst,
+                              Quantizer quantizer = Quantizer::Best);
 // Unpacks a row into dst[0..cols).
 void block_float_dequantize_row(WeightFormat format, const uint8_t* src, int64_t cols, float* dst);
 

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "blockfloat.h"
@@ -18,9 +19,21 @@ using afm::WeightFormat;
 
 namespace {
 
+// The quantizer under test: each test that quantizes runs once per version (the portable loop and
+// AVX-512's), against the same hand-computed bytes and references.
+afm::Quantizer quantizer = afm::Quantizer::Best;
+
+class BlockFloatQuantizer : public testing::TestWithParam<afm::Quantizer> {
+ protected:
+  void SetUp() override {
+    if (!afm::quantizer_supported(GetParam())) GTEST_SKIP() << "this CPU has no AVX-512 F/BW/VL";
+    quantizer = GetParam();
+  }
+};
+
 std::vector<uint8_t> quantize(WeightFormat f, const std::vector<float>& src) {
   std::vector<uint8_t> out(afm::block_float_row_bytes(f, int64_t(src.size())), 0xEE);
-  afm::block_float_quantize_row(f, src.data(), int64_t(src.size()), out.data());
+  afm::block_float_quantize_row(f, src.data(), int64_t(src.size()), out.data(), quantizer);
   return out;
 }
 
@@ -69,7 +82,7 @@ TEST(BlockFloat, ScaleTables) {
 // bfp8: 4 -> 0x800000>>17 = 64; 2 -> 32; 1 -> 16; ... 2^-4 -> 1. 2^-5: 0x800000>>7 = 0x10000
 // is exactly the tie and 0 is even, so 0; 2^-6 is below the tie: 0. Worth: mag * 2^-4.
 // bfp4: 4 -> 0x800000>>21 = 4; 2 -> 2; 1 -> 1; 0.5: 0x100000 is the tie, 0 is even: 0. Worth: mag.
-TEST(BlockFloat, PowersOfTwo) {
+TEST_P(BlockFloatQuantizer, PowersOfTwo) {
   const auto src = block({4, 2, 1, 0.5f, 0.25f, 0.125f, 0.0625f, 0.03125f, 0.015625f, -4, -1});
   const std::vector<uint8_t> bfp8 = {129,  0x40, 0x20, 0x10, 0x08, 0x04, 0x02, 0x01, 0x00,
                                      0x00, 0xC0, 0xF0, 0,    0,    0,    0,    0};  // -64, -16
@@ -94,7 +107,7 @@ TEST(BlockFloat, PowersOfTwo) {
 // q = 1 + 2^-6 + 2^-23 (0x3F820001) is 32.5000038 steps: exact rounding gives 33, but tt-metal
 // shifts (dropping the 2^-23 bit) before rounding, leaving a tie that goes to even: 32.
 // Worth: bfp8 mag / 32, bfp4 mag / 2.
-TEST(BlockFloat, MixedBlock) {
+TEST_P(BlockFloatQuantizer, MixedBlock) {
   const auto src = block({3, -0.75f, 0.1f, -1e-3f, bits(0x3F820001), 2.5f, -0.03125f, 0.046875f});
   const std::vector<uint8_t> bfp8 = {128, 0x60, 0xE8, 0x03, 0x00, 0x20, 0x50, 0xFF, 0x02,
                                      0,   0,    0,    0,    0,    0,    0,    0};
@@ -110,7 +123,7 @@ TEST(BlockFloat, MixedBlock) {
 // rounds up to 128, which saturates to 127 = 0x7F (-127 = 0x81; no carry into the exponent): worth
 // 127/64 = 1.984375. bfp4: >>21 = 7, rounds up to 8, saturates to 7 (-7 = 0x9): worth 7/4 = 1.75.
 // 1.9375 (m24 0xF80000) also saturates in bfp4 (7 + rest 0x180000 > tie). 1 -> 64 / 4.
-TEST(BlockFloat, RoundingSaturates) {
+TEST_P(BlockFloatQuantizer, RoundingSaturates) {
   const auto src = block({bits(0x3FFFFFFF), bits(0xBFFFFFFF), 1, 1.9375f});
   const std::vector<uint8_t> bfp8 = {127, 0x7F, 0x81, 0x40, 0x7C, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
   EXPECT_EQ(quantize(WeightFormat::BFP8, src), bfp8);  // 1.9375 = 124/64 exactly
@@ -121,7 +134,7 @@ TEST(BlockFloat, RoundingSaturates) {
 }
 
 // Zeros of either sign store magnitude 0 without a sign, and an all-zero block stores S = 0.
-TEST(BlockFloat, Zeros) {
+TEST_P(BlockFloatQuantizer, Zeros) {
   const auto src = block({-0.0f, 0.0f, -0.0f});
   for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
     const auto q = quantize(f, src);
@@ -133,7 +146,7 @@ TEST(BlockFloat, Zeros) {
 // fp32 subnormals (E = 0) flush to 0 and do not count for S. Here S = 2 (2^-125):
 //   2^-126 (0x00800000): 0x800000>>1 >> 17 = 32; 1.5 * 2^-126: 0xC00000>>1 >> 17 = 48; 2^-125: 64.
 // Worth mag * 2^(2-133) = mag * 2^-131, itself an fp32 subnormal, exact for every magnitude.
-TEST(BlockFloat, Subnormals) {
+TEST_P(BlockFloatQuantizer, Subnormals) {
   const auto src = block({bits(0x00000001), bits(0x80400000), bits(0x00800000), -0.0f, bits(0x80C00000),
                           bits(0x01000000)});
   const std::vector<uint8_t> bfp8 = {2, 0x00, 0x00, 0x20, 0x00, 0xD0, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};  // -48
@@ -150,7 +163,7 @@ TEST(BlockFloat, Subnormals) {
 // 20 columns: block 0 is sixteen 1s (S = 127, bfp8 64 / bfp4 4), block 1 holds -2, 0.5, 0.25, 3
 // (S = 128) and 12 zeros of padding. bfp8: -2 -> -64 = 0xC0, 0.5 -> 0x200000>>17 = 16,
 // 0.25 -> 8, 3 -> 96. bfp4: -2 -> -4 = 0xC, 0.5 -> 1, 0.25 -> 0x100000 tie, even: 0, 3 -> 6.
-TEST(BlockFloat, PartialLastBlock) {
+TEST_P(BlockFloatQuantizer, PartialLastBlock) {
   std::vector<float> src(16, 1.0f);
   src.insert(src.end(), {-2, 0.5f, 0.25f, 3});
   std::vector<uint8_t> bfp8(2 + 16 + 16, 0);  // exponents, block 0, block 1 (zero padded)
@@ -177,16 +190,25 @@ TEST(BlockFloat, PartialLastBlock) {
   expect_values(dequantize(WeightFormat::BFP4, bfp4, 20), want);
 }
 
-TEST(BlockFloat, RejectsNonFinite) {
+TEST_P(BlockFloatQuantizer, RejectsNonFinite) {
   for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
     EXPECT_THROW(quantize(f, block({1, std::numeric_limits<float>::infinity()})), afm::Error);
     EXPECT_THROW(quantize(f, block({std::numeric_limits<float>::quiet_NaN()})), afm::Error);
+    // In a later, partial block: the error names the column.
+    std::vector<float> row(40, 0.5f);
+    row[37] = -std::numeric_limits<float>::infinity();
+    try {
+      quantize(f, row);
+      ADD_FAILURE() << "an infinite value was quantized";
+    } catch (const afm::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("non-finite value at column 37"), std::string::npos) << e.what();
+    }
   }
 }
 
 // Every value comes back within M / (2^B - 1/2) of itself, M the block's largest |value|
 // (derivation in blockfloat.h); re-quantizing the result reproduces the same bytes.
-TEST(BlockFloat, RandomRoundTrip) {
+TEST_P(BlockFloatQuantizer, RandomRoundTrip) {
   std::mt19937 rng(1234);
   std::normal_distribution<float> normal;
   std::uniform_int_distribution<int> scale_exp(-40, 40);
@@ -232,7 +254,7 @@ uint32_t reference_code(uint32_t x, uint32_t shared, int mag_bits) {
   return uint32_t(v) & ((1u << (mag_bits + 1)) - 1);  // two's complement in B + 1 bits
 }
 
-TEST(BlockFloat, MatchesThePerValueRuleOnRandomBitPatterns) {
+TEST_P(BlockFloatQuantizer, MatchesThePerValueRuleOnRandomBitPatterns) {
   std::mt19937 rng(99);
   const int64_t cols = 16 * 4096;
   std::vector<float> src(cols);
@@ -258,5 +280,10 @@ TEST(BlockFloat, MatchesThePerValueRuleOnRandomBitPatterns) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Versions, BlockFloatQuantizer, testing::Values(afm::Quantizer::Portable, afm::Quantizer::Avx512),
+                         [](const testing::TestParamInfo<afm::Quantizer>& info) {
+                           return info.param == afm::Quantizer::Portable ? "portable" : "avx512";
+                         });
 
 }  // namespace
