@@ -68,9 +68,9 @@ AFM_VECTORIZED_CLONES void quantize_bfp8_row(const float* src, int64_t cols, uin
 AFM_VECTORIZED_CLONES void quantize_bfp4_row(const float* src, int64_t cols, uint8_t* dst) { quantize_row<3>(src, cols, dst); }
 
 #if defined(__x86_64__)
-// The same rule with a block in one AVX-512 register, which is what makes load fast: the portable
-// loop, vectorized by the compiler across a block, spends most of its time on the shared
-// exponent's reduction and the byte packing. The shared exponent is reduced within the register
+// The same rule with a block in one AVX-512 register, 1.6x the portable loop's speed (which the
+// compiler vectorizes across a block; docs/PERFORMANCE.md), and load converts every weight
+// through it. The shared exponent is reduced within the register
 // (it is wanted there, in every lane), so consecutive blocks overlap. A row holding inf or NaN
 // is quantized again by the portable loop, which names the column.
 #pragma GCC diagnostic push
