@@ -132,6 +132,19 @@ TEST(Int8Gemm, TheCpuBackendPacksBlockFloatForIntegerActivationsAtUpload) {
   }
 }
 
+// A checkpoint tensor "w" of rows x cols elements of `dtype` at `data`.
+afm::TensorView matrix_view(afm::DType dtype, int64_t rows, int64_t cols, const uint8_t* data,
+                            std::shared_ptr<const void> owner = nullptr) {
+  afm::TensorView view;
+  view.name = "w";
+  view.dtype = dtype;
+  view.shape = {rows, cols};
+  view.data = data;
+  view.nbytes = rows * cols * (dtype == afm::DType::F32 ? 4 : 2);
+  view.owner = std::move(owner);
+  return view;
+}
+
 // A checkpoint matrix converted straight into panels, a panel's rows at a time, gives the bytes
 // of the two-step route (convert the whole matrix to rows, then pack them), from each float
 // dtype and on shapes with partial panels and blocks; a non-finite weight is an error naming its
@@ -155,13 +168,7 @@ TEST(Int8Gemm, PanelsStraightFromACheckpointMatrixMatchPackedRows) {
         if (dtype == afm::DType::F32) std::memcpy(bytes->data() + 4 * i, &values[i], 4);
         else std::memcpy(bytes->data() + 2 * i, &h, 2);
       }
-      afm::TensorView view;
-      view.name = "w";
-      view.dtype = dtype;
-      view.shape = {s.rows, s.cols};
-      view.data = bytes->data();
-      view.nbytes = int64_t(bytes->size());
-      view.owner = bytes;
+      const afm::TensorView view = matrix_view(dtype, s.rows, s.cols, bytes->data(), bytes);
       for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
         const Weight direct = afm::cpu::int8_panels(view, f, afm::MatmulInputs::Int16);
         Weight rows = afm::make_weight(view, f);
@@ -180,11 +187,7 @@ TEST(Int8Gemm, PanelsStraightFromACheckpointMatrixMatchPackedRows) {
   // A NaN in the last panel's rows.
   std::vector<float> values(40 * 64, 0.5f);
   values[35 * 64 + 20] = std::numeric_limits<float>::quiet_NaN();
-  afm::TensorView view;
-  view.name = "w";
-  view.shape = {40, 64};
-  view.data = reinterpret_cast<const uint8_t*>(values.data());
-  view.nbytes = int64_t(values.size() * 4);
+  const afm::TensorView view = matrix_view(afm::DType::F32, 40, 64, reinterpret_cast<const uint8_t*>(values.data()));
   try {
     afm::cpu::int8_panels(view, WeightFormat::BFP8, afm::MatmulInputs::Int8);
     ADD_FAILURE() << "a NaN weight was packed";

@@ -333,6 +333,10 @@ Weight pack_panels(const Weight& shape, const PanelRows& panel_rows) {
 
 int64_t panel_row_count(const Weight& w, int64_t p) { return std::min(kPanelRows, w.rows - p * kPanelRows); }
 
+void require_kernels(Isa isa, const char* what) {
+  if (!int8_gemm_supported(isa)) throw Error(std::string(what) + ": no kernels for " + isa_name(isa) + " on this CPU");
+}
+
 }  // namespace
 
 bool int8_gemm_supported(Isa isa) {
@@ -345,7 +349,7 @@ bool int8_gemm_supported(Isa isa) {
 }
 
 void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool, Isa isa) {
-  if (!int8_gemm_supported(isa)) throw Error(std::string("int8 gemm: no kernels for ") + isa_name(isa) + " on this CPU");
+  require_kernels(isa, "int8 gemm");
   if (!is_block_float(w.format)) throw Error("int8 gemm: only for bfp8 and bfp4 weights, not " + format_name(w.format));
   if (x.k != w.cols) throw Error("int8 gemm: activations have " + std::to_string(x.k) + " columns, weights " +
                                  std::to_string(w.cols));
@@ -372,7 +376,7 @@ void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool,
 }
 
 Weight int8_panels(const Weight& w, Isa isa) {
-  if (!int8_gemm_supported(isa)) throw Error(std::string("int8 panels: no kernels for ") + isa_name(isa) + " on this CPU");
+  require_kernels(isa, "int8 panels");
   if (!is_block_float(w.format) || w.layout != WeightLayout::Rows)
     throw Error("int8 panels: only for bfp8 and bfp4 weights laid out as rows, not " + format_name(w.format));
   Weight packed = pack_panels(w, [&](int64_t p) {
@@ -386,7 +390,7 @@ Weight int8_panels(const Weight& w, Isa isa) {
 }
 
 Weight int8_panels(const TensorView& view, WeightFormat format, MatmulInputs inputs, Isa isa) {
-  if (!int8_gemm_supported(isa)) throw Error(std::string("int8 panels: no kernels for ") + isa_name(isa) + " on this CPU");
+  require_kernels(isa, "int8 panels");
   if (!is_block_float(format) || view.shape.size() != 2)
     throw Error("int8 panels: only bfp8 and bfp4 matrices, not " + format_name(format) + " for " + view.describe());
   Weight shape;
