@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <unistd.h>
 
 #include "error.h"
 #include "eval.h"
@@ -37,11 +38,17 @@ std::string write_bytes(const std::string& name, const std::string& bytes) {
 }
 
 // Writes a file with gguf_write.py once per test binary run and returns its path.
+// Written under a name of this process's own and renamed into place, sidecars first: CTest runs
+// tests that share a file in parallel, and one must never map a file another is still writing.
 std::string oracle_file(const std::string& args, const std::string& name) {
   const std::string path = ::testing::TempDir() + "/" + name;
   if (!fs::exists(path)) {
-    const auto run = afm::test::run_oracle("gguf_write.py " + args + " " + path);
+    const std::string partial = path + ".partial-" + std::to_string(getpid());
+    const auto run = afm::test::run_oracle("gguf_write.py " + args + " " + partial);
     EXPECT_EQ(run.status, 0) << "gguf_write.py " << args << " failed (is .venv installed? scripts/install-deps.sh)";
+    for (const char* sidecar : {".json", ".f32"})
+      if (fs::exists(partial + sidecar)) fs::rename(partial + sidecar, path + sidecar);
+    if (fs::exists(partial)) fs::rename(partial, path);
   }
   return path;
 }
