@@ -121,9 +121,11 @@ void Int8Gemm(benchmark::State& state) {
 
 // Decode's matmul as the model runs it: one token through int8_panels' packed weights, on every
 // core, over a matrix 3.5x the MLP's up projection (175 MB of bfp8, far past the caches), against the read
-// bandwidth of the same pool measured in the same run (read_GB/s, pct_of_read). Args: format.
+// bandwidth of the same pool measured in the same run (read_GB/s, pct_of_read). Args: format,
+// int16 (1: activations as the model quantizes them by default, 0: int8).
 void Int8PanelsDecode(benchmark::State& state) {
   const auto format = WeightFormat(state.range(0));
+  const bool int16 = state.range(1) != 0;
   if (!afm::cpu::int8_gemm_supported(afm::cpu::best_isa())) {
     state.SkipWithError("no int8 gemm kernels on this CPU (needs AVX-512 VNNI)");
     return;
@@ -131,14 +133,15 @@ void Int8PanelsDecode(benchmark::State& state) {
   static afm::cpu::ThreadPool pool(0);
   const int64_t rows = 7 * 18432 / 2, cols = 2560;
   Matrix m = make_matrix(format, rows, cols);
-  m.weight.inputs = afm::MatmulInputs::Int8;
+  m.weight.inputs = int16 ? afm::MatmulInputs::Int16 : afm::MatmulInputs::Int8;
   const afm::Weight packed = afm::cpu::int8_panels(m.weight);
   std::vector<float> x(cols), out(rows);
   std::mt19937 rng(3);
   std::normal_distribution<float> normal;
   for (float& v : x) v = normal(rng);
   afm::cpu::Int8Rows q;
-  afm::cpu::quantize_int8_rows(format, x.data(), 1, cols, q);
+  if (int16) afm::cpu::quantize_int16_rows(format, x.data(), 1, cols, q);
+  else afm::cpu::quantize_int8_rows(format, x.data(), 1, cols, q);
   double seconds = 0;  // timed here, so that the ratio to the read bandwidth can be a counter
   for (auto _ : state) {
     const auto start = std::chrono::steady_clock::now();
@@ -153,7 +156,7 @@ void Int8PanelsDecode(benchmark::State& state) {
   state.counters["GB/s"] = gbps;
   state.counters["read_GB/s"] = read;
   state.counters["pct_of_read"] = 100 * gbps / read;
-  state.SetLabel(afm::format_name(format) + ", " + std::to_string(pool.size()) + " threads");
+  state.SetLabel(afm::format_name(format) + (int16 ? ", int16, " : ", int8, ") + std::to_string(pool.size()) + " threads");
 }
 
 // quantize_int8_rows on one thread: 512 tokens of the down matrix's input.
@@ -183,9 +186,8 @@ BENCHMARK(Int8Gemm)
     ->ArgNames({"fmt", "tokens", "shape"})
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(Int8PanelsDecode)
-    ->Arg(int(WeightFormat::BFP8))
-    ->Arg(int(WeightFormat::BFP4))
-    ->ArgNames({"fmt"})
+    ->ArgsProduct({{int(WeightFormat::BFP8), int(WeightFormat::BFP4)}, {0, 1}})
+    ->ArgNames({"fmt", "int16"})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(Int8Quantize)->Unit(benchmark::kMillisecond);

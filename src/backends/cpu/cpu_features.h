@@ -17,5 +17,11 @@ inline bool cpu_has_avx_vnni() {  // leaf 7 subleaf 1, EAX bit 4
   return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4));
 }
 
+// Leaf 0's vendor string, for tuning that measurements showed to differ between vendors.
+inline bool cpu_is_intel() {
+  unsigned a, b, c, d;
+  return __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547 && d == 0x49656e69 && c == 0x6c65746e;  // "GenuineIntel"
+}
+
 }  // namespace afm::cpu
 #endif
