@@ -50,8 +50,8 @@ struct XTile {
 
 // Whether a matmul fetches each slice's successor in the panel stream into L1 while it multiplies
 // the slice. On a Xeon (Emerald Rapids) the hardware prefetchers alone left decode waiting on L1
-// misses, and this made decode 1.15x (bfp8) and 1.2x (bfp4) faster; on a Zen 4 prefetches in this loop made it
-// slower, so other vendors go without (docs/PERFORMANCE.md).
+// misses, and this made decode 1.15x (bfp8) and 1.2x (bfp4) faster; on a Zen 4 prefetches in this
+// loop made it slower, so other vendors go without (docs/PERFORMANCE.md).
 const bool kPrefetchNextSlice = cpu_is_intel();
 
 #pragma GCC diagnostic push
@@ -258,10 +258,10 @@ AFM_AVX512_VNNI void gemm_panels(const Weight& w, const Int8Rows& x, float* out,
         const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(stored_exponents + i));
         _mm512_store_ps(exponents + i, _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), bias));
       }
-      if (kPrefetchNextSlice) {
-        const char* next = reinterpret_cast<const char*>(panel + panel_bytes<BF>(k0 + columns));
-        for (int64_t i = 0; i < panel_bytes<BF>(k0 + columns) - panel_bytes<BF>(k0); i += 64)
-          _mm_prefetch(next + i, _MM_HINT_T0);
+      if (kPrefetchNextSlice) {  // the slice after this one, as long as this one
+        const uint8_t* next = panel + panel_bytes<BF>(k0 + columns);
+        for (int64_t i = 0; i < next - stored_exponents; i += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T0);
       }
       if (split) {
         split_nibbles(quads, 2 * blocks, split_quads);
