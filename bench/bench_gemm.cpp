@@ -119,6 +119,41 @@ void Int8Gemm(benchmark::State& state) {
   state.SetLabel(shape == 0 ? "up" : "down");
 }
 
+// The int8 GEMM as the model runs a prefill or batch by default: int16 activations on weights packed
+// at load, in either layout (0: halves, 1: values), against half the int8 dot peak (two int8 dot
+// products per multiply-add, or one `vpdpwssd` per 32). Where the two layouts cross is
+// int16_layout_for's threshold.
+void Int16Gemm(benchmark::State& state) {
+  const auto format = WeightFormat(state.range(0));
+  const int64_t tokens = state.range(1);
+  const int shape = int(state.range(2));
+  const auto layout = state.range(3) ? afm::cpu::Int16Layout::Values : afm::cpu::Int16Layout::Halves;
+  if (!afm::cpu::int8_gemm_supported(afm::cpu::best_isa())) {
+    state.SkipWithError("no int8 gemm kernels on this CPU (needs AVX-512 VNNI)");
+    return;
+  }
+  const int64_t rows[] = {18432 / 8, 2560 / 8}, cols[] = {2560, 18432};
+  Matrix m = make_matrix(format, rows[shape], cols[shape]);
+  m.weight.inputs = afm::MatmulInputs::Int16;
+  const afm::Weight packed = afm::cpu::int8_panels(m.weight);
+  std::vector<float> x(tokens * cols[shape]), out(tokens * rows[shape]);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal;
+  for (float& v : x) v = normal(rng);
+  afm::cpu::Int8Rows q;
+  afm::cpu::quantize_int16_rows(format, x.data(), tokens, cols[shape], q, nullptr, layout);
+  for (auto _ : state) {
+    afm::cpu::int8_gemm(packed, q, out.data(), one_thread());
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double ops = 2.0 * double(tokens * rows[shape] * cols[shape]);
+  state.counters["GOP/s"] = benchmark::Counter(ops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  static const double half_peak = afm::cpu::int8_dot_peak(one_thread()).per_thread / 2;
+  state.counters["half_peak_GOP/s"] = half_peak;
+  state.SetLabel(afm::format_name(format) + (shape == 0 ? " up, " : " down, ") +
+                 (state.range(3) ? "values" : "halves"));
+}
+
 // Decode's matmul as the model runs it: one token through int8_panels' packed weights, on every
 // core, over a matrix 3.5x the MLP's up projection (175 MB of bfp8, far past the caches), against the read
 // bandwidth of the same pool measured in the same run (read_GB/s, pct_of_read). Args: format,
@@ -184,6 +219,10 @@ BENCHMARK(Gemm)->Apply(Args)->ArgNames({"fmt", "isa", "tokens", "shape"})->Unit(
 BENCHMARK(Int8Gemm)
     ->ArgsProduct({{int(WeightFormat::BFP8), int(WeightFormat::BFP4)}, {4, 8, 16, 128, 512}, {0, 1}})
     ->ArgNames({"fmt", "tokens", "shape"})
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(Int16Gemm)
+    ->ArgsProduct({{int(WeightFormat::BFP8), int(WeightFormat::BFP4)}, {4, 8, 16, 32, 128, 512}, {0, 1}, {0, 1}})
+    ->ArgNames({"fmt", "tokens", "shape", "values"})
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(Int8PanelsDecode)
     ->ArgsProduct({{int(WeightFormat::BFP8), int(WeightFormat::BFP4)}, {0, 1}})

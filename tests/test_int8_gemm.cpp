@@ -10,6 +10,7 @@
 #include <memory>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "backend.h"
@@ -107,13 +108,13 @@ TEST(Int8Gemm, TheCpuBackendPacksBlockFloatForIntegerActivationsAtUpload) {
       float row[cols];
       EXPECT_THROW(afm::dequantize_row(uploaded, 0, row), afm::Error);
       EXPECT_THROW(afm::cpu::int8_panels(uploaded), afm::Error);
-      for (int64_t tokens : {1, 3, 6, 20}) {
+      for (int64_t tokens : {1, 3, 6, 20, 40}) {  // 40: a prefill's int16 values
         const std::vector<float> x = random_activations(tokens, cols, rng);
         afm::Tensor in = backend->tensor(tokens, cols), out = backend->tensor(tokens, rows);
         std::copy(x.begin(), x.end(), in.data);
         backend->linear(in, uploaded, out);
         afm::cpu::Int8Rows q;
-        if (int16) afm::cpu::quantize_int16_rows(f, x.data(), tokens, cols, q);
+        if (int16) afm::cpu::quantize_int16_rows(f, x.data(), tokens, cols, q, nullptr, afm::cpu::int16_layout_for(tokens));
         else afm::cpu::quantize_int8_rows(f, x.data(), tokens, cols, q);
         std::vector<float> want(tokens * rows);
         afm::cpu::int8_gemm(int16 ? uploaded : m.weight, q, want.data(), pool);
@@ -267,52 +268,77 @@ TEST(Int8Gemm, RejectsOtherFormatsAndMismatchedActivations) {
       << "activations quantized for bfp8 (offset 128) with bfp4 weights (offset 8)";
 }
 
-// int16 activations (quantize_int16_rows): every value rebuilt from its two halves is within half
-// a step of x, the step being max |x| of the block / kInt16Max, and the offset sums are the
-// values' sums; threads change nothing.
-TEST(Int16Activations, HalvesRebuildEachValueWithinHalfAStep) {
+// int16 activations (quantize_int16_rows): every value, rebuilt from its two halves or read as
+// itself, is within half a step of x, the step being max |x| of the block / kInt16Max, and the
+// offset sums are the values' sums; threads change nothing, and the AVX-512 quantizer writes the
+// portable one's bytes.
+TEST(Int16Activations, EachValueIsWithinHalfAStepInBothLayouts) {
   std::mt19937 rng(21);
   afm::cpu::ThreadPool pool(2);
   const int64_t rows = 9, k = 1000;  // a partial last block and padding
   std::vector<float> x = random_activations(rows, k, rng);
   x[3 * k + 40] = -std::numeric_limits<float>::infinity();
-  for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
-    afm::cpu::Int8Rows q, serial;
-    afm::cpu::quantize_int16_rows(f, x.data(), rows, k, q, &pool);
-    afm::cpu::quantize_int16_rows(f, x.data(), rows, k, serial);
-    EXPECT_EQ(q.q, serial.q);
-    EXPECT_EQ(q.block_offset_sums, serial.block_offset_sums);
-    ASSERT_TRUE(q.int16);
-    ASSERT_EQ(q.padded, 1024);
-    ASSERT_EQ(q.q.size(), size_t(rows * 2 * q.padded));
-    const int offset = f == WeightFormat::BFP8 ? 128 : 8;
-    for (int64_t r = 0; r < rows; r++)
-      for (int64_t b = 0; b < q.padded / 16; b++) {
-        const float scale = q.scale[r * q.padded / 16 + b];
-        if (r == 3 && b == 40 / 16) {
-          EXPECT_TRUE(std::isnan(scale));
-          continue;
+  x[5 * k + 100] = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t i = 0; i < 16; i++) x[6 * k + 160 + i] = 0x1p-110f * float(i);  // a tiny block: zeros
+  for (int64_t i = 0; i < 16; i++) x[7 * k + 320 + i] = i % 2 ? 3e38f : -1e-3f;  // the top of f32's range
+  for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4})
+    for (afm::cpu::Int16Layout layout : {afm::cpu::Int16Layout::Halves, afm::cpu::Int16Layout::Values}) {
+      const bool halves = layout == afm::cpu::Int16Layout::Halves;
+      const std::string what = afm::format_name(f) + (halves ? ", halves" : ", values");
+      afm::cpu::Int8Rows q, serial;
+      afm::cpu::quantize_int16_rows(f, x.data(), rows, k, q, &pool, layout);
+      afm::cpu::quantize_int16_rows(f, x.data(), rows, k, serial, nullptr, layout, Isa::Scalar);
+      EXPECT_EQ(q.q, serial.q) << what;
+      EXPECT_EQ(q.block_offset_sums, serial.block_offset_sums) << what;
+      EXPECT_EQ(std::memcmp(q.scale.data(), serial.scale.data(), q.scale.size() * sizeof(float)), 0) << what;
+      ASSERT_TRUE(q.int16);
+      ASSERT_EQ(q.int16_layout, layout);
+      ASSERT_EQ(q.padded, 1024);
+      ASSERT_EQ(q.q.size(), size_t(rows * 2 * q.padded));
+      const int offset = f == WeightFormat::BFP8 ? 128 : 8;
+      for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < q.padded / 16; b++) {
+          const float scale = q.scale[r * q.padded / 16 + b];
+          if ((r == 3 && b == 40 / 16) || (r == 5 && b == 100 / 16)) {
+            EXPECT_TRUE(std::isnan(scale)) << what;
+            continue;
+          }
+          float max_abs = 0;
+          for (int64_t i = 16 * b; i < std::min(k, 16 * b + 16); i++) max_abs = std::max(max_abs, std::fabs(x[r * k + i]));
+          if (r == 6 && b == 160 / 16) {
+            EXPECT_EQ(scale, 0.0f) << what << ": a block below 2^-100 stays zeros";
+          } else {
+            EXPECT_FLOAT_EQ(scale, max_abs / afm::cpu::kInt16Max) << what;
+          }
+          int32_t sum = 0;
+          for (int64_t i = 0; i < 16; i++) {
+            const int8_t* block = q.q.data() + r * 2 * q.padded + 32 * b;
+            int16_t value;
+            std::memcpy(&value, block + 2 * i, 2);
+            const int32_t v = halves ? 256 * block[i] + block[16 + i] : value;
+            ASSERT_LE(std::abs(v), afm::cpu::kInt16Max);
+            const double want = 16 * b + i < k ? x[r * k + 16 * b + i] : 0.0;
+            // Half a step, plus f32's rounding of x / step (up to 32639 x 2^-24, 0.002 of a step).
+            ASSERT_LE(std::fabs(double(v) * scale - want), 0.505 * double(scale) + 1e-30)
+                << what << ", row " << r << " value " << 16 * b + i;
+            sum += v;
+          }
+          EXPECT_EQ(q.block_offset_sums[r * q.padded / 16 + b], -offset * sum) << what;
         }
-        float max_abs = 0;
-        for (int64_t i = 16 * b; i < std::min(k, 16 * b + 16); i++) max_abs = std::max(max_abs, std::fabs(x[r * k + i]));
-        EXPECT_FLOAT_EQ(scale, max_abs / afm::cpu::kInt16Max);
-        int32_t sum = 0;
-        for (int64_t i = 0; i < 16; i++) {
-          const int8_t high = q.q[r * 2 * q.padded + 32 * b + i], low = q.q[r * 2 * q.padded + 32 * b + 16 + i];
-          const int32_t v = 256 * high + low;
-          ASSERT_LE(std::abs(v), afm::cpu::kInt16Max);
-          const double want = 16 * b + i < k ? x[r * k + 16 * b + i] : 0.0;
-          // Half a step, plus f32's rounding of x / step (up to 32639 x 2^-24, 0.002 of a step).
-          ASSERT_LE(std::fabs(double(v) * scale - want), 0.505 * scale + 1e-30) << "row " << r << " value " << 16 * b + i;
-          sum += v;
-        }
-        EXPECT_EQ(q.block_offset_sums[r * q.padded / 16 + b], -offset * sum);
-      }
-  }
+    }
+}
+
+// int16_layout_for keeps decode and small batches on halves, which read the packed weights as
+// they are, and gives a prefill values.
+TEST(Int16Activations, APrefillTakesValuesAndADecodeStepHalves) {
+  EXPECT_EQ(afm::cpu::int16_layout_for(1), afm::cpu::Int16Layout::Halves);
+  EXPECT_EQ(afm::cpu::int16_layout_for(4), afm::cpu::Int16Layout::Halves);
+  EXPECT_EQ(afm::cpu::int16_layout_for(512), afm::cpu::Int16Layout::Values);
 }
 
 // The packed GEMM on int16 activations against the double product of the exact weights with the
-// rebuilt activations, on the odd shapes; and against x itself it is far closer than int8.
+// rebuilt activations, on the odd shapes; and against x itself it is far closer than int8. Values
+// (weights widened per slice, `vpdpwssd`) give exactly what halves give: the same integer sums.
 TEST(Int16Activations, PackedGemmMatchesExactProductOnOddShapes) {
   if (!afm::cpu::int8_gemm_supported(Isa::Avx512Vnni)) GTEST_SKIP() << "CPU has no AVX-512 VNNI";
   std::mt19937 rng(13);
@@ -320,20 +346,24 @@ TEST(Int16Activations, PackedGemmMatchesExactProductOnOddShapes) {
   struct Shape {
     int64_t tokens, rows, cols;
   };
-  // Tokens around the 4-token tiles of int16 (and bfp4's split from 5 tokens on).
+  // Tokens around the 4-token tiles of int16 halves (and bfp4's split from 5 tokens on) and the
+  // 6-token tiles of values.
   const Shape shapes[] = {{1, 1, 1}, {4, 33, 17}, {5, 48, 257}, {9, 100, 513}, {3, 300, 2560}, {13, 31, 1000}};
   for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
     for (const Shape& s : shapes) {
       const Matrix m = afm::test::make_matrix(f, s.rows, s.cols, afm::MatmulInputs::Int16, rng);
       const Weight packed = afm::cpu::int8_panels(m.weight, Isa::Avx512Vnni);
       const std::vector<float> x = random_activations(s.tokens, s.cols, rng);
-      afm::cpu::Int8Rows q, q8;
+      afm::cpu::Int8Rows q, q8, values;
       afm::cpu::quantize_int16_rows(f, x.data(), s.tokens, s.cols, q, &pool);
       afm::cpu::quantize_int8_rows(f, x.data(), s.tokens, s.cols, q8, &pool);
-      std::vector<float> out(s.tokens * s.rows + 1, 77.0f), out8(s.tokens * s.rows);
+      afm::cpu::quantize_int16_rows(f, x.data(), s.tokens, s.cols, values, &pool, afm::cpu::Int16Layout::Values);
+      std::vector<float> out(s.tokens * s.rows + 1, 77.0f), out8(s.tokens * s.rows), out_values = out;
       afm::cpu::int8_gemm(packed, q, out.data(), pool, Isa::Avx512Vnni);
       afm::cpu::int8_gemm(packed, q8, out8.data(), pool, Isa::Avx512Vnni);
+      afm::cpu::int8_gemm(packed, values, out_values.data(), pool, Isa::Avx512Vnni);
       EXPECT_EQ(out.back(), 77.0f) << "wrote past the output";
+      EXPECT_EQ(out_values, out) << afm::format_name(f) << " T=" << s.tokens << " N=" << s.rows << " K=" << s.cols;
       double error16 = 0, error8 = 0;
       for (int64_t t = 0; t < s.tokens; t++)
         for (int64_t n = 0; n < s.rows; n++) {

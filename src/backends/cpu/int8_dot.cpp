@@ -264,7 +264,23 @@ QuantizeRowFn quantize_row_kernel(Isa isa) {
 }
 
 // One row of quantize_int16_rows, into zeroed q (2 bytes per value), scale and block sums.
-void quantize_int16_row(const float* in, int64_t k, int32_t offset, int8_t* q, float* scale, int32_t* block_offset_sums) {
+using QuantizeInt16RowFn = void (*)(const float* in, int64_t k, int32_t offset, Int16Layout layout, int8_t* q,
+                                    float* scale, int32_t* block_offset_sums);
+
+// Where value i of block b goes: its two halves, or its two bytes.
+void store_int16(int32_t v, Int16Layout layout, int8_t* block_q, int64_t i) {
+  if (layout == Int16Layout::Values) {
+    const auto value = int16_t(v);
+    std::memcpy(block_q + 2 * i, &value, 2);
+    return;
+  }
+  const int32_t high = (v + 128) >> 8;  // floor, so that low = v - 256 high is in -128..127
+  block_q[i] = int8_t(high);
+  block_q[kBlockFloatBlock + i] = int8_t(v - 256 * high);
+}
+
+void quantize_int16_row_scalar(const float* in, int64_t k, int32_t offset, Int16Layout layout, int8_t* q,
+                               float* scale, int32_t* block_offset_sums) {
   for (int64_t b = 0; b * kBlockFloatBlock < k; b++) {
     const int64_t b0 = b * kBlockFloatBlock, n = std::min<int64_t>(kBlockFloatBlock, k - b0);
     const float inverse = block_scale(in + b0, n, float(kInt16Max), scale[b]);
@@ -272,23 +288,67 @@ void quantize_int16_row(const float* in, int64_t k, int32_t offset, int8_t* q, f
     int32_t sum = 0;
     for (int64_t i = 0; i < n; i++) {
       const auto v = int32_t(std::clamp(std::nearbyint(in[b0 + i] * inverse), -float(kInt16Max), float(kInt16Max)));
-      const int32_t high = (v + 128) >> 8;  // floor, so that low = v - 256 high is in -128..127
-      q[2 * b0 + i] = int8_t(high);
-      q[2 * b0 + kBlockFloatBlock + i] = int8_t(v - 256 * high);
+      store_int16(v, layout, q + 2 * b0, i);
       sum += v;
     }
     block_offset_sums[b] = -offset * sum;
   }
 }
 
+#ifdef AFM_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's AVX-512 headers (see dot.cpp)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The same, a block per vector, as quantize_int8_row_avx512 does it (a prefill's down projection
+// quantizes 9 M values per layer).
+AFM_AVX512 void quantize_int16_row_avx512(const float* in, int64_t k, int32_t offset, Int16Layout layout, int8_t* q,
+                                          float* scale, int32_t* block_offset_sums) {
+  const __m512i most = _mm512_set1_epi32(kInt16Max), least = _mm512_set1_epi32(-kInt16Max);
+  for (int64_t b = 0; b * kBlockFloatBlock < k; b++) {
+    const int64_t n = std::min<int64_t>(kBlockFloatBlock, k - b * kBlockFloatBlock);
+    const __m512 v = _mm512_maskz_loadu_ps(n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1), in + 16 * b);
+    if (_mm512_fpclass_ps_mask(v, 0x99)) {  // a NaN or an infinity: see block_scale
+      scale[b] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float max_abs = _mm512_reduce_max_ps(_mm512_abs_ps(v));
+    if (max_abs < kTinyBlock) continue;
+    scale[b] = max_abs / float(kInt16Max);
+    __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(float(kInt16Max) / max_abs)));
+    qi = _mm512_max_epi32(_mm512_min_epi32(qi, most), least);
+    int8_t* block_q = q + 32 * b;
+    if (layout == Int16Layout::Values) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(block_q), _mm512_cvtepi32_epi16(qi));
+    } else {
+      const __m512i high = _mm512_srai_epi32(_mm512_add_epi32(qi, _mm512_set1_epi32(128)), 8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(block_q), _mm512_cvtepi32_epi8(high));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(block_q + 16),
+                       _mm512_cvtepi32_epi8(_mm512_sub_epi32(qi, _mm512_slli_epi32(high, 8))));
+    }
+    block_offset_sums[b] = -offset * _mm512_reduce_add_epi32(qi);
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+QuantizeInt16RowFn quantize_int16_row_kernel(Isa isa) {
+#ifdef AFM_X86
+  if (isa == Isa::Avx512 || isa == Isa::Avx512Vnni) return quantize_int16_row_avx512;
+#endif
+  (void)isa;
+  return quantize_int16_row_scalar;
+}
+
 // Checks the arguments and sizes `out` for `rows` rows of k values, zeroed.
-void prepare_rows(const char* what, WeightFormat format, int64_t rows, int64_t k, bool int16, Int8Rows& out) {
+void prepare_rows(const char* what, WeightFormat format, int64_t rows, int64_t k, bool int16, Int16Layout layout,
+                  Int8Rows& out) {
   if (!is_block_float(format))
     throw Error(std::string(what) + " activations: only for bfp8 and bfp4 weights, not " + format_name(format));
   out.format = format;
   out.rows = rows;
   out.k = k;
   out.int16 = int16;
+  out.int16_layout = layout;
   out.padded = std::max<int64_t>(kInt8Group, (k + kInt8Group - 1) / kInt8Group * kInt8Group);
   const int64_t blocks = out.padded / kBlockFloatBlock;
   out.q.assign(rows * out.padded * (int16 ? 2 : 1), 0);
@@ -309,7 +369,7 @@ void over_rows(ThreadPool* pool, int64_t rows, int64_t k, const Quantize& quanti
 void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64_t k, Int8Rows& out,
                         ThreadPool* pool, Isa isa) {
   if (!isa_supported(isa)) throw Error(std::string("int8 activations: this CPU does not support ") + isa_name(isa));
-  prepare_rows("int8", format, rows, k, false, out);
+  prepare_rows("int8", format, rows, k, false, Int16Layout::Halves, out);
   const int64_t blocks = out.padded / kBlockFloatBlock;
   const int32_t offset = weight_offset(format);
   const QuantizeRowFn quantize_row = quantize_row_kernel(isa);
@@ -321,14 +381,16 @@ void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64
 }
 
 void quantize_int16_rows(WeightFormat format, const float* x, int64_t rows, int64_t k, Int8Rows& out,
-                         ThreadPool* pool) {
-  prepare_rows("int16", format, rows, k, true, out);
+                         ThreadPool* pool, Int16Layout layout, Isa isa) {
+  if (!isa_supported(isa)) throw Error(std::string("int16 activations: this CPU does not support ") + isa_name(isa));
+  prepare_rows("int16", format, rows, k, true, layout, out);
   const int64_t blocks = out.padded / kBlockFloatBlock;
   const int32_t offset = weight_offset(format);
+  const QuantizeInt16RowFn quantize_row = quantize_int16_row_kernel(isa);
   over_rows(pool, rows, k, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r++)
-      quantize_int16_row(x + r * k, k, offset, out.q.data() + 2 * r * out.padded, out.scale.data() + r * blocks,
-                         out.block_offset_sums.data() + r * blocks);
+      quantize_row(x + r * k, k, offset, layout, out.q.data() + 2 * r * out.padded, out.scale.data() + r * blocks,
+                   out.block_offset_sums.data() + r * blocks);
   });
 }
 

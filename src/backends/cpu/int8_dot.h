@@ -28,15 +28,25 @@ constexpr int64_t kInt8Group = 64;  // int8 values in one 512-bit vector: 4 bloc
 //                their integer sums from it, which cancels the offset exactly;
 //   block_offset_sums  the same per block of 16 (the GEMM's, int8_gemm.h).
 //
-// Rows quantized by quantize_int16_rows instead (int16) hold 16-bit values, each split into two
-// int8 halves so that the same `vpdpbusd` sums them: per block of 16, 16 high bytes then 16 low
-// bytes, the value being 256 high + low (low in -128..127), in -kInt16Max..kInt16Max with
-// scale = max |x| / kInt16Max; offset_sums is empty and block_offset_sums cancels the offset of
-// the whole 16-bit sums.
+// Rows quantized by quantize_int16_rows instead (int16) hold 16-bit values in
+// -kInt16Max..kInt16Max with scale = max |x| / kInt16Max, laid out as Int16Layout says;
+// offset_sums is empty and block_offset_sums cancels the offset of the whole 16-bit sums.
+enum class Int16Layout {
+  // Each value split into two int8 halves, so that `vpdpbusd` sums them against the packed int8
+  // weights as they are: per block of 16, 16 high bytes then 16 low bytes, the value being
+  // 256 high + low (low in -128..127). For a few tokens, which read the weights once.
+  Halves,
+  // The values themselves, 2 bytes each, for `vpdpwssd` on weights widened to int16 once per
+  // slice of a panel: one instruction per 32 multiply-adds and no halves to recombine, which
+  // repays the widening when many tokens share each slice (a prefill).
+  Values,
+};
+
 struct Int8Rows {
   WeightFormat format = WeightFormat::BFP8;  // the weights whose offset offset_sums cancel
   int64_t rows = 0, k = 0, padded = 0;
   bool int16 = false;
+  Int16Layout int16_layout = Int16Layout::Halves;
   std::vector<int8_t> q;          // [rows][padded], int16: [rows][2 padded]
   std::vector<float> scale;       // [rows][padded / 16]
   std::vector<int32_t> offset_sums;  // [rows][padded / 4]
@@ -52,10 +62,10 @@ void quantize_int8_rows(WeightFormat format, const float* x, int64_t rows, int64
 // The largest int16 value: the high half of 256 high + low (low >= -128) stays within int8.
 constexpr int32_t kInt16Max = 127 * 256 + 127;
 
-// As quantize_int8_rows, to 16-bit values in two int8 halves (Int8Rows::int16): a rounding error
-// 256x smaller, for twice the `vpdpbusd` work. Only the int8 GEMM over packed panels reads them.
+// As quantize_int8_rows, to 16-bit values (Int8Rows::int16) laid out as `layout`: a rounding
+// error 256x smaller, for twice the integer work. Only the int8 GEMM over packed panels reads them.
 void quantize_int16_rows(WeightFormat format, const float* x, int64_t rows, int64_t k, Int8Rows& out,
-                         ThreadPool* pool = nullptr);
+                         ThreadPool* pool = nullptr, Int16Layout layout = Int16Layout::Halves, Isa isa = best_isa());
 
 // out[j] = sum over blocks of W(w_row) · (q * scale) of rows first..first + n_x - 1 of x
 // (n_x in 1..kMaxDotRows), x quantized by quantize_int8_rows (the dot kernels have no int16);

@@ -4,8 +4,9 @@
 // micro-kernel keeps a tile of up to 6 tokens x 32 rows in registers: per 4 columns it loads the
 // panel's 2 vectors and broadcasts each token's 4 int8 values, 2 `vpdpbusd` per broadcast; at
 // the end of each block it converts the integer sums and adds them, scaled, into f32 sums.
-// Int16 activations (two int8 halves, int8_dot.h) take up to 4 tokens and 2 `vpdpbusd` per
-// broadcast pair, and only panels packed at load.
+// Int16 activations take only panels packed at load: in halves (int8_dot.h) up to 4 tokens and 2
+// `vpdpbusd` per broadcast pair; as values, a slice widened to int16 once and up to 6 tokens, one
+// `vpdpwssd` per 2 columns.
 //
 // bfp8 and bfp4 weights uploaded for int8 or int16 activations are packed once, at load
 // (int8_panels): every panel of the matrix in one buffer, slice by slice, so a matmul reads its
@@ -35,8 +36,13 @@ constexpr int64_t kPanelRows = 32;     // two vectors of 16 rows
 constexpr int64_t kDepth = 256;        // columns packed at a time (a multiple of kInt8Group)
 constexpr int64_t kBlockRows = 256;    // weight rows a thread packs at a time (at most)
 constexpr int kMaxTokens = 6;          // 4 x 6 accumulators + the panel's vectors fit 32 registers
-constexpr int kMaxInt16Tokens = 4;     // 6 x 4 with int16 activations' high sums
+constexpr int kMaxInt16Tokens = 4;     // 6 x 4 with int16 halves' high sums
+// From this many tokens int16 values beat halves, the widening of each slice included: at 8-16
+// tokens the two were even or halves ahead, from 32 on values were 1.02-1.4x faster on a Xeon
+// (bench_gemm's Int16Gemm).
+constexpr int64_t kInt16ValuesMinTokens = 32;
 constexpr int64_t kQuadBytes = 4 * kPanelRows;  // one panel's 4 columns
+constexpr int64_t kWidenedPairBytes = 2 * kPanelRows * 2;  // 2 columns of 32 rows as int16
 
 // A tile's view of the quantized activations: tokens t0.. and the slice's first column.
 struct XTile {
@@ -58,16 +64,22 @@ const bool kPrefetchNextSlice = cpu_is_intel();
 #pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's AVX-512 headers (see dot.cpp)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+// What a micro-kernel multiplies: the panel's bytes by int8 activations or by int16 ones in halves,
+// or the slice widened to int16 (widen_quads) by int16 values.
+enum class Products { Int8, Int16Halves, Int16Values };
+
 // out[t][r] (+)= the tile's sums over `blocks` blocks of the panel, for t < Tokens and rows below
 // `rows`. A Nibbles panel (bfp4 packed at load) holds two quads per 128 bytes, the even one in
 // the low nibbles.
-// Int16 activations (Int8Rows::int16) take two `vpdpbusd` per weight vector, one per half, and
-// add the high sums, times 256, to the low ones at the end of the block.
-template <int Tokens, bool Nibbles, bool Int16>
+// Int16 halves take two `vpdpbusd` per weight vector, one per half, and add the high sums, times
+// 256, to the low ones at the end of the block. Int16 values take, per quad, its two pairs of
+// columns widened, and one `vpdpwssd` per pair and 16 rows: the same integer sums.
+template <int Tokens, bool Nibbles, Products P>
 AFM_AVX512_VNNI void micro(const XTile& x, const uint8_t* panel, const float* exponents, int64_t blocks, float* out,
                            int64_t out_stride, int64_t rows, bool accumulate) {
-  constexpr int kHighs = Int16 ? Tokens : 0;
-  constexpr int64_t kBlockValues = Int16 ? 2 * kBlockFloatBlock : kBlockFloatBlock;  // bytes of x per block
+  constexpr bool kHalves = P == Products::Int16Halves;
+  constexpr int kHighs = kHalves ? Tokens : 0;
+  constexpr int64_t kBlockValues = P == Products::Int8 ? kBlockFloatBlock : 2 * kBlockFloatBlock;  // bytes of x per block
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512i pair0 = _mm512_setzero_si512(), pair1 = _mm512_setzero_si512();
   __m512 acc[Tokens][2];
@@ -81,6 +93,22 @@ AFM_AVX512_VNNI void micro(const XTile& x, const uint8_t* panel, const float* ex
     for (int t = 0; t < kHighs; t++) high[t][0] = high[t][1] = _mm512_setzero_si512();
 #pragma GCC unroll 4
     for (int s = 0; s < 4; s++) {
+      if constexpr (P == Products::Int16Values) {
+        const uint8_t* pairs = panel + (4 * b + s) * 2 * kWidenedPairBytes;
+        for (int h = 0; h < 2; h++) {
+          const __m512i w0 = _mm512_loadu_si512(pairs + h * kWidenedPairBytes);
+          const __m512i w1 = _mm512_loadu_si512(pairs + h * kWidenedPairBytes + 64);
+#pragma GCC unroll 6
+          for (int t = 0; t < Tokens; t++) {
+            int32_t two;
+            std::memcpy(&two, x.q + t * x.q_stride + kBlockValues * b + 8 * s + 4 * h, 4);
+            const __m512i xb = _mm512_set1_epi32(two);
+            sum[t][0] = _mm512_dpwssd_epi32(sum[t][0], xb, w0);
+            sum[t][1] = _mm512_dpwssd_epi32(sum[t][1], xb, w1);
+          }
+        }
+        continue;
+      }
       __m512i w0, w1;
       if constexpr (Nibbles) {
         if (s % 2 == 0) {
@@ -99,7 +127,7 @@ AFM_AVX512_VNNI void micro(const XTile& x, const uint8_t* panel, const float* ex
       for (int t = 0; t < Tokens; t++) {
         const int8_t* xq = x.q + t * x.q_stride + kBlockValues * b + 4 * s;
         int32_t four;
-        if constexpr (Int16) {
+        if constexpr (kHalves) {
           std::memcpy(&four, xq, 4);
           const __m512i xh = _mm512_set1_epi32(four);
           high[t][0] = _mm512_dpbusd_epi32(high[t][0], w0, xh);
@@ -212,14 +240,15 @@ AFM_AVX512_VNNI void pack_whole_panel(const Weight& w, int64_t padded, uint8_t* 
 
 using MicroFn = void (*)(const XTile&, const uint8_t*, const float*, int64_t, float*, int64_t, int64_t, bool);
 
-template <bool Nibbles, bool Int16, size_t... I>
+template <bool Nibbles, Products P, size_t... I>
 constexpr std::array<MicroFn, kMaxTokens> micro_table(std::index_sequence<I...>) {
-  return {micro<int(I) + 1, Nibbles, Int16>...};
+  return {micro<int(I) + 1, Nibbles, P>...};
 }
-constexpr auto kMicro = micro_table<false, false>(std::make_index_sequence<kMaxTokens>());
-constexpr auto kNibbleMicro = micro_table<true, false>(std::make_index_sequence<kMaxTokens>());
-constexpr auto kInt16Micro = micro_table<false, true>(std::make_index_sequence<kMaxInt16Tokens>());
-constexpr auto kInt16NibbleMicro = micro_table<true, true>(std::make_index_sequence<kMaxInt16Tokens>());
+constexpr auto kMicro = micro_table<false, Products::Int8>(std::make_index_sequence<kMaxTokens>());
+constexpr auto kNibbleMicro = micro_table<true, Products::Int8>(std::make_index_sequence<kMaxTokens>());
+constexpr auto kInt16Micro = micro_table<false, Products::Int16Halves>(std::make_index_sequence<kMaxInt16Tokens>());
+constexpr auto kInt16NibbleMicro = micro_table<true, Products::Int16Halves>(std::make_index_sequence<kMaxInt16Tokens>());
+constexpr auto kInt16ValuesMicro = micro_table<false, Products::Int16Values>(std::make_index_sequence<kMaxTokens>());
 
 // `pairs` pairs of quads from a Nibbles panel into `quads`, a byte per weight.
 AFM_AVX512_VNNI void split_nibbles(const uint8_t* pairs_in, int64_t pairs, uint8_t* quads) {
@@ -233,21 +262,49 @@ AFM_AVX512_VNNI void split_nibbles(const uint8_t* pairs_in, int64_t pairs, uint8
   }
 }
 
+// `quads` quads of a slice (bytes, or a Nibbles panel's pairs) into `widened`, each weight as an
+// int16 (its unsigned byte, so the offset sums still cancel it): per quad, columns 0-1 then 2-3,
+// each [32 rows][2 values], which is what `vpdpwssd` multiplies.
+template <bool Nibbles>
+AFM_AVX512_VNNI void widen_quads(const uint8_t* panel_quads, int64_t quads, uint8_t* widened) {
+  // Per 32-bit lane of 4 column bytes: columns 0 and 1 as words, or columns 2 and 3 (-1 makes zeros).
+  const __m512i first = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1));
+  const __m512i second = _mm512_broadcast_i32x4(_mm_setr_epi8(2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1));
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int64_t q = 0; q < quads; q++)
+    for (int64_t half = 0; half < 2; half++) {  // rows 0-15, rows 16-31
+      __m512i bytes;
+      if constexpr (Nibbles) {
+        const __m512i both = _mm512_loadu_si512(panel_quads + q / 2 * kQuadBytes + 64 * half);
+        bytes = _mm512_and_si512(q % 2 == 0 ? both : _mm512_srli_epi16(both, 4), nibble);
+      } else {
+        bytes = _mm512_loadu_si512(panel_quads + q * kQuadBytes + 64 * half);
+      }
+      uint8_t* pairs = widened + q * 2 * kWidenedPairBytes + 64 * half;
+      _mm512_store_si512(pairs, _mm512_shuffle_epi8(bytes, first));
+      _mm512_store_si512(pairs + kWidenedPairBytes, _mm512_shuffle_epi8(bytes, second));
+    }
+}
+
 // One thread's work on weight rows [n0, n0 + rows) of int8_panels' weights, panel by panel: each
 // slice's exponents widened to floats, then every tile of tokens over it (the slice stays in L1).
-// A bfp4 slice that more than one tile reads is split into bytes first, once. The same
-// micro-kernel calls as gemm_block's, so the same sums in the same order.
+// A bfp4 slice that more than one tile reads is split into bytes first, once; for int16 values
+// every slice is widened first. The same micro-kernel calls as gemm_block's, so the same sums in
+// the same order.
 template <class BF>
 AFM_AVX512_VNNI void gemm_panels(const Weight& w, const Int8Rows& x, float* out, int64_t n0, int64_t rows) {
   constexpr bool kNibbles = BF::mag_bits != 7;
-  const int64_t tile_tokens = x.int16 ? kMaxInt16Tokens : kMaxTokens, x_bytes = x.int16 ? 2 : 1;
-  const bool split = kNibbles && x.rows > tile_tokens;
-  const MicroFn* micro = kNibbles && !split ? (x.int16 ? kInt16NibbleMicro : kNibbleMicro).data()
-                                            : (x.int16 ? kInt16Micro : kMicro).data();
+  const bool widen = x.int16 && x.int16_layout == Int16Layout::Values, halves = x.int16 && !widen;
+  const int64_t tile_tokens = halves ? kMaxInt16Tokens : kMaxTokens, x_bytes = x.int16 ? 2 : 1;
+  const bool split = kNibbles && !widen && x.rows > tile_tokens;
+  const MicroFn* micro = widen                 ? kInt16ValuesMicro.data()
+                         : kNibbles && !split ? (halves ? kInt16NibbleMicro : kNibbleMicro).data()
+                                              : (halves ? kInt16Micro : kMicro).data();
   const int64_t N = w.rows, x_blocks = x.padded / kBlockFloatBlock;
   const __m512 bias = _mm512_set1_ps(kExponentBias<BF>);
   alignas(64) float exponents[kDepth / kBlockFloatBlock * kPanelRows];
   alignas(64) uint8_t split_quads[kNibbles ? kDepth * kPanelRows : 1];
+  alignas(64) uint8_t widened[kDepth / 2 * kWidenedPairBytes];  // 16 KiB
   for (int64_t r0 = n0; r0 < n0 + rows; r0 += kPanelRows) {
     const uint8_t* panel = w.data + r0 / kPanelRows * panel_bytes<BF>(x.padded);
     for (int64_t k0 = 0; k0 < x.padded; k0 += kDepth) {
@@ -263,7 +320,10 @@ AFM_AVX512_VNNI void gemm_panels(const Weight& w, const Int8Rows& x, float* out,
         for (int64_t i = 0; i < next - stored_exponents; i += 64)
           _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T0);
       }
-      if (split) {
+      if (widen) {
+        widen_quads<kNibbles>(quads, 4 * blocks, widened);
+        quads = widened;
+      } else if (split) {
         split_nibbles(quads, 2 * blocks, split_quads);
         quads = split_quads;
       }
@@ -358,6 +418,10 @@ bool int8_gemm_supported(Isa isa) {
   (void)isa;
   return false;
 #endif
+}
+
+Int16Layout int16_layout_for(int64_t tokens) {
+  return tokens >= kInt16ValuesMinTokens ? Int16Layout::Values : Int16Layout::Halves;
 }
 
 void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool, Isa isa) {

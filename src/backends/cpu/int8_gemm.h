@@ -26,6 +26,10 @@ bool int8_gemm_supported(Isa isa);
 // 16-bit value as its two int8 halves' sums), which rows refuse.
 void int8_gemm(const Weight& w, const Int8Rows& x, float* out, ThreadPool& pool, Isa isa = best_isa());
 
+// The int16 layout in which int8_gemm multiplies `tokens` tokens fastest: halves for a few (a
+// decode step, a small batch), values for more (a prefill).
+Int16Layout int16_layout_for(int64_t tokens);
+
 // bfp8 / bfp4 rows re-laid out, once, as every panel int8_gemm would pack, in one buffer (the
 // rows' file pages released when mapped): a matmul then streams its weights in order and packs
 // nothing. The same bytes per weight as the rows: bfp4 keeps two weights per byte, and its
