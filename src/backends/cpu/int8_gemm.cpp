@@ -54,8 +54,8 @@ struct XTile {
 
 #ifdef AFM_X86
 
-// Whether a matmul fetches each slice's successor in the panel stream into L1 while it multiplies
-// the slice. On a Xeon (Emerald Rapids) the hardware prefetchers alone left decode waiting on L1
+// Whether a matmul fetches each slice's successor in the panel stream while it multiplies the
+// slice. On a Xeon (Emerald Rapids) the hardware prefetchers alone left decode waiting on L1
 // misses, and this made decode 1.15x (bfp8) and 1.2x (bfp4) faster; on a Zen 4 prefetches in this
 // loop made it slower, so other vendors go without (docs/PERFORMANCE.md).
 const bool kPrefetchNextSlice = cpu_is_intel();
@@ -296,7 +296,7 @@ AFM_AVX512_VNNI void gemm_panels(const Weight& w, const Int8Rows& x, float* out,
   constexpr bool kNibbles = BF::mag_bits != 7;
   const bool widen = x.int16 && x.int16_layout == Int16Layout::Values, halves = x.int16 && !widen;
   const int64_t tile_tokens = halves ? kMaxInt16Tokens : kMaxTokens, x_bytes = x.int16 ? 2 : 1;
-  const bool split = kNibbles && !widen && x.rows > tile_tokens;
+  const bool one_tile = x.rows <= tile_tokens, split = kNibbles && !widen && !one_tile;
   const MicroFn* micro = widen                 ? kInt16ValuesMicro.data()
                          : kNibbles && !split ? (halves ? kInt16NibbleMicro : kNibbleMicro).data()
                                               : (halves ? kInt16Micro : kMicro).data();
@@ -317,8 +317,12 @@ AFM_AVX512_VNNI void gemm_panels(const Weight& w, const Int8Rows& x, float* out,
       }
       if (kPrefetchNextSlice) {  // the slice after this one, as long as this one
         const uint8_t* next = panel + panel_bytes<BF>(k0 + columns);
-        for (int64_t i = 0; i < next - stored_exponents; i += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T0);
+        // Into L1 for one tile; for more, into L2, since the tiles' activations pass through L1
+        // before the next slice is read.
+        for (int64_t i = 0; i < next - stored_exponents; i += 64) {
+          if (one_tile) _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T0);
+          else _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T1);
+        }
       }
       if (widen) {
         widen_quads<kNibbles>(quads, 4 * blocks, widened);
