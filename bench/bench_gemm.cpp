@@ -221,7 +221,7 @@ BENCHMARK(Int8Gemm)
     ->ArgNames({"fmt", "tokens", "shape"})
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(Int16Gemm)
-    ->ArgsProduct({{int(WeightFormat::BFP8), int(WeightFormat::BFP4)}, {4, 8, 16, 32, 128, 512}, {0, 1}, {0, 1}})
+    ->ArgsProduct({{int(WeightFormat::BFP8), int(WeightFormat::BFP4)}, {4, 8, 16, 32, 128, 512, 2048}, {0, 1}, {0, 1}})
     ->ArgNames({"fmt", "tokens", "shape", "values"})
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(Int8PanelsDecode)

@@ -50,7 +50,7 @@ TEST(Int8Gemm, MatchesExactProductOnOddShapes) {
   // around the 64-column groups, the 256-column slices and the 16-column blocks.
   const Shape shapes[] = {{1, 1, 1},     {16, 7, 5},     {13, 33, 17},  {6, 32, 256},  {25, 48, 257},
                           {7, 100, 513}, {40, 130, 31},  {17, 17, 600}, {5, 64, 1},    {12, 300, 2560},
-                          {2, 600, 64},  {19, 31, 1000}};
+                          {2, 600, 64},  {19, 31, 1000}, {33, 300, 600}};
   for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
     for (const Shape& s : shapes) {
       Matrix m = afm::test::make_matrix(f, s.rows, s.cols, afm::MatmulInputs::Int8, rng);
@@ -346,9 +346,10 @@ TEST(Int16Activations, PackedGemmMatchesExactProductOnOddShapes) {
   struct Shape {
     int64_t tokens, rows, cols;
   };
-  // Tokens around the 4-token tiles of int16 halves (and bfp4's split from 5 tokens on) and the
-  // 6-token tiles of values.
-  const Shape shapes[] = {{1, 1, 1}, {4, 33, 17}, {5, 48, 257}, {9, 100, 513}, {3, 300, 2560}, {13, 31, 1000}};
+  // Tokens around the 4-token tiles of int16 halves (and bfp4's split from 5 tokens on), the
+  // 6-token tiles of values, and the 32 from which a thread's panels are multiplied together.
+  const Shape shapes[] = {{1, 1, 1},     {4, 33, 17},     {5, 48, 257},  {9, 100, 513},
+                          {3, 300, 2560}, {13, 31, 1000}, {31, 70, 300}, {40, 300, 600}};
   for (WeightFormat f : {WeightFormat::BFP8, WeightFormat::BFP4}) {
     for (const Shape& s : shapes) {
       const Matrix m = afm::test::make_matrix(f, s.rows, s.cols, afm::MatmulInputs::Int16, rng);
