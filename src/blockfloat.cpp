@@ -121,6 +121,65 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_row_avx512(co
   if (non_finite) quantize_row<MagBits>(src, cols, dst);
 }
 #pragma GCC diagnostic pop
+
+// The same in AVX2, a block in two 8-lane registers, for CPUs without AVX-512 (Zen 3), where the
+// portable loop's clone for that ISA converted every weight at load.
+template <int MagBits>
+__attribute__((target("avx2"))) void quantize_row_avx2(const float* src, int64_t cols, uint8_t* dst) {
+  using BF = BlockFloat<MagBits>;
+  constexpr int kShift = 24 - MagBits;
+  const int64_t nb = block_float_blocks(cols);
+  uint8_t* payload = dst + nb;
+  const __m256i exp_mask = _mm256_set1_epi32(0xFF), one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
+  const __m256i tie_less_one = _mm256_set1_epi32((1 << (kShift - 1)) - 1);
+  const __m256i mantissa_bits = _mm256_set1_epi32(0x7FFFFF), implicit_one = _mm256_set1_epi32(0x800000);
+  __m256i non_finite = zero;
+  for (int64_t b = 0; b < nb; b++) {
+    const int64_t n = std::min(kBlockFloatBlock, cols - b * kBlockFloatBlock);
+    alignas(32) uint32_t padded[kBlockFloatBlock] = {};
+    const float* in = src + b * kBlockFloatBlock;
+    if (n < kBlockFloatBlock) {  // the row's last block: zeros past its end
+      std::memcpy(padded, in, n * sizeof(float));
+      in = reinterpret_cast<const float*>(padded);
+    }
+    __m256i bits[2], exp[2];
+    for (int h = 0; h < 2; h++) {
+      bits[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + 8 * h));
+      exp[h] = _mm256_and_si256(_mm256_srli_epi32(bits[h], 23), exp_mask);
+    }
+    __m256i shared = _mm256_max_epu32(exp[0], exp[1]);
+    shared = _mm256_max_epu32(shared, _mm256_permute2x128_si256(shared, shared, 0x01));  // 128-bit halves swapped
+    shared = _mm256_max_epu32(shared, _mm256_shuffle_epi32(shared, _MM_SHUFFLE(1, 0, 3, 2)));
+    shared = _mm256_max_epu32(shared, _mm256_shuffle_epi32(shared, _MM_SHUFFLE(2, 3, 0, 1)));  // in every lane
+    non_finite = _mm256_or_si256(non_finite, _mm256_cmpeq_epi32(shared, exp_mask));
+    dst[b] = uint8_t(_mm_cvtsi128_si32(_mm256_castsi256_si128(shared)));
+    __m256i mags[2];
+    for (int h = 0; h < 2; h++) {
+      const __m256i shift = _mm256_min_epu32(_mm256_sub_epi32(shared, exp[h]), _mm256_set1_epi32(31));
+      const __m256i mantissa =
+          _mm256_srlv_epi32(_mm256_or_si256(_mm256_and_si256(bits[h], mantissa_bits), implicit_one), shift);
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(mantissa, kShift), one);
+      __m256i mag = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(mantissa, tie_less_one), odd), kShift);
+      mag = _mm256_min_epu32(mag, _mm256_set1_epi32(int(BF::mag_mask)));
+      mag = _mm256_andnot_si256(_mm256_cmpeq_epi32(exp[h], zero), mag);  // zeros and subnormals: 0
+      mags[h] = _mm256_sign_epi32(mag, _mm256_or_si256(bits[h], one));   // negated where the sign bit is set
+    }
+    uint8_t* out = payload + b * BF::payload_bytes;
+    if constexpr (MagBits == 7) {
+      // 32-bit to 8-bit with saturation keeps every value (|mag| <= 127); packs interleave lanes.
+      const __m256i words = _mm256_packs_epi32(mags[0], mags[1]);  // [0-3 8-11 | 4-7 12-15]
+      const __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_shuffle_epi32(bytes, _MM_SHUFFLE(3, 1, 2, 0)));
+    } else {
+      const __m256i nibbles = _mm256_or_si256(_mm256_and_si256(mags[0], _mm256_set1_epi32(0xF)),
+                                              _mm256_slli_epi32(_mm256_and_si256(mags[1], _mm256_set1_epi32(0xF)), 4));
+      const __m256i words = _mm256_packus_epi32(nibbles, nibbles);  // [0-3 0-3 | 4-7 4-7]
+      const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_shuffle_epi32(bytes, _MM_SHUFFLE(3, 1, 2, 0)));
+    }
+  }
+  if (!_mm256_testz_si256(non_finite, non_finite)) quantize_row<MagBits>(src, cols, dst);
+}
 #endif
 
 template <int MagBits>
@@ -147,21 +206,27 @@ int64_t block_float_row_bytes(WeightFormat format, int64_t cols) {
 }
 
 bool quantizer_supported(Quantizer quantizer) {
-  if (quantizer != Quantizer::Avx512) return true;
 #if defined(__x86_64__)
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  if (quantizer == Quantizer::Avx512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  if (quantizer == Quantizer::Avx2) return __builtin_cpu_supports("avx2");
+  return true;
 #else
-  return false;
+  return quantizer == Quantizer::Best || quantizer == Quantizer::Portable;
 #endif
 }
 
 void block_float_quantize_row(WeightFormat format, const float* src, int64_t cols, uint8_t* dst, Quantizer quantizer) {
   check_block_float(format);
-  static const bool has_avx512 = quantizer_supported(Quantizer::Avx512);
+  static const bool has_avx512 = quantizer_supported(Quantizer::Avx512), has_avx2 = quantizer_supported(Quantizer::Avx2);
   if (quantizer == Quantizer::Avx512 && !has_avx512) throw Error("block-float conversion: this CPU has no AVX-512");
+  if (quantizer == Quantizer::Avx2 && !has_avx2) throw Error("block-float conversion: this CPU has no AVX2");
 #if defined(__x86_64__)
-  if (quantizer != Quantizer::Portable && has_avx512)
-    return format == WeightFormat::BFP8 ? quantize_row_avx512<7>(src, cols, dst) : quantize_row_avx512<3>(src, cols, dst);
+  const bool bfp8 = format == WeightFormat::BFP8;
+  if (quantizer == Quantizer::Avx512 || (quantizer == Quantizer::Best && has_avx512))
+    return bfp8 ? quantize_row_avx512<7>(src, cols, dst) : quantize_row_avx512<3>(src, cols, dst);
+  if (quantizer == Quantizer::Avx2 || (quantizer == Quantizer::Best && has_avx2))
+    return bfp8 ? quantize_row_avx2<7>(src, cols, dst) : quantize_row_avx2<3>(src, cols, dst);
 #endif
   if (format == WeightFormat::BFP8) {
     quantize_bfp8_row(src, cols, dst);

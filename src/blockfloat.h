@@ -52,9 +52,9 @@ inline int64_t block_float_blocks(int64_t cols) { return (cols + kBlockFloatBloc
 
 // Bytes of one packed row of `cols` values. Throws afm::Error unless format is BFP8 or BFP4.
 int64_t block_float_row_bytes(WeightFormat format, int64_t cols);
-// The quantizer's versions, which give the same bytes: the portable loop (compiled per ISA), and
-// one in AVX-512 F/BW/VL, which Best takes where the CPU has it.
-enum class Quantizer { Best, Portable, Avx512 };
+// The quantizer's versions, which give the same bytes: the portable loop (compiled per ISA), one
+// in AVX-512 F/BW/VL and one in AVX2; Best takes the widest the CPU has.
+enum class Quantizer { Best, Portable, Avx512, Avx2 };
 bool quantizer_supported(Quantizer quantizer);
 
 // Packs src[0..cols) into dst[0..block_float_row_bytes). Throws afm::Error on inf/nan, or for a

@@ -19,14 +19,18 @@ using afm::WeightFormat;
 
 namespace {
 
-// The quantizer under test: each test that quantizes runs once per version (the portable loop and
-// AVX-512's), against the same hand-computed bytes and references.
+// The quantizer under test: each test that quantizes runs once per version (the portable loop,
+// AVX-512's and AVX2's), against the same hand-computed bytes and references.
 afm::Quantizer quantizer = afm::Quantizer::Best;
+
+const char* quantizer_name(afm::Quantizer q) {
+  return q == afm::Quantizer::Portable ? "portable" : q == afm::Quantizer::Avx512 ? "avx512" : "avx2";
+}
 
 class BlockFloatQuantizer : public testing::TestWithParam<afm::Quantizer> {
  protected:
   void SetUp() override {
-    if (!afm::quantizer_supported(GetParam())) GTEST_SKIP() << "this CPU has no AVX-512 F/BW/VL";
+    if (!afm::quantizer_supported(GetParam())) GTEST_SKIP() << "this CPU lacks the ISA of " << quantizer_name(GetParam());
     quantizer = GetParam();
   }
 };
@@ -281,9 +285,8 @@ TEST_P(BlockFloatQuantizer, MatchesThePerValueRuleOnRandomBitPatterns) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Versions, BlockFloatQuantizer, testing::Values(afm::Quantizer::Portable, afm::Quantizer::Avx512),
-                         [](const testing::TestParamInfo<afm::Quantizer>& info) {
-                           return info.param == afm::Quantizer::Portable ? "portable" : "avx512";
-                         });
+INSTANTIATE_TEST_SUITE_P(Versions, BlockFloatQuantizer,
+                         testing::Values(afm::Quantizer::Portable, afm::Quantizer::Avx512, afm::Quantizer::Avx2),
+                         [](const testing::TestParamInfo<afm::Quantizer>& info) { return quantizer_name(info.param); });
 
 }  // namespace
