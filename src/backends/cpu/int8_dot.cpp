@@ -223,46 +223,6 @@ void quantize_int8_row_scalar(const float* in, int64_t k, int32_t offset, int8_t
   }
 }
 
-#ifdef AFM_X86
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's AVX-512 headers (see dot.cpp)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// The same, a block per vector: a prefill quantizes millions of values per matmul. Conversion
-// rounds to nearest even, as nearbyint does; |x| * (127 / max) cannot round past 127.
-AFM_AVX512 void quantize_int8_row_avx512(const float* in, int64_t k, int32_t offset, int8_t* q, float* scale,
-                                         int32_t* offset_sums, int32_t* block_offset_sums) {
-  for (int64_t b = 0; b * kBlockFloatBlock < k; b++) {
-    const int64_t n = std::min<int64_t>(kBlockFloatBlock, k - b * kBlockFloatBlock);
-    const __m512 v = _mm512_maskz_loadu_ps(n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1), in + 16 * b);
-    if (_mm512_fpclass_ps_mask(v, 0x99)) {  // a NaN or an infinity: see the scalar kernel
-      scale[b] = std::numeric_limits<float>::quiet_NaN();
-      continue;
-    }
-    const float max_abs = _mm512_reduce_max_ps(_mm512_abs_ps(v));
-    if (max_abs < kTinyBlock) continue;
-    const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(127.0f / max_abs)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * b), _mm512_cvtsepi32_epi8(qi));
-    scale[b] = max_abs / 127.0f;
-    // Each 128-bit lane holds one group of 4: sum within lanes, then take one word per lane.
-    __m512i sums = _mm512_add_epi32(qi, _mm512_shuffle_epi32(qi, _MM_PERM_BADC));
-    sums = _mm512_add_epi32(sums, _mm512_shuffle_epi32(sums, _MM_PERM_CDAB));
-    const __m128i quads = _mm512_castsi512_si128(_mm512_maskz_compress_epi32(0x1111, sums));
-    const __m128i offset_quads = _mm_mullo_epi32(quads, _mm_set1_epi32(-offset));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(offset_sums + 4 * b), offset_quads);
-    block_offset_sums[b] = -offset * _mm512_reduce_add_epi32(qi);
-  }
-}
-#pragma GCC diagnostic pop
-#endif
-
-QuantizeRowFn quantize_row_kernel(Isa isa) {
-#ifdef AFM_X86
-  if (isa == Isa::Avx512 || isa == Isa::Avx512Vnni) return quantize_int8_row_avx512;
-#endif
-  (void)isa;
-  return quantize_int8_row_scalar;
-}
-
 // One row of quantize_int16_rows, into zeroed q (2 bytes per value), scale and block sums.
 using QuantizeInt16RowFn = void (*)(const float* in, int64_t k, int32_t offset, Int16Layout layout, int8_t* q,
                                     float* scale, int32_t* block_offset_sums);
@@ -299,22 +259,50 @@ void quantize_int16_row_scalar(const float* in, int64_t k, int32_t offset, Int16
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's AVX-512 headers (see dot.cpp)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// The same, a block per vector, as quantize_int8_row_avx512 does it (a prefill's down projection
-// quantizes 9 M values per layer).
+// Block b of a row of k values (zeros past the end) scaled to -levels..levels and rounded to
+// nearest even, as nearbyint does, into `values`; sets `scale` as block_scale does and returns
+// false for a block that stays zeros.
+AFM_AVX512 bool quantize_block_avx512(const float* in, int64_t k, int64_t b, float levels, float& scale,
+                                      __m512i& values) {
+  const int64_t n = std::min<int64_t>(kBlockFloatBlock, k - b * kBlockFloatBlock);
+  const __m512 v = _mm512_maskz_loadu_ps(n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1), in + 16 * b);
+  if (_mm512_fpclass_ps_mask(v, 0x99)) {  // a NaN or an infinity
+    scale = std::numeric_limits<float>::quiet_NaN();
+    return false;
+  }
+  const float max_abs = _mm512_reduce_max_ps(_mm512_abs_ps(v));
+  if (max_abs < kTinyBlock) return false;
+  scale = max_abs / levels;
+  values = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(levels / max_abs)));
+  return true;
+}
+
+// quantize_int8_row_scalar a block per vector: a prefill quantizes millions of values per matmul.
+// |x| * (127 / max) cannot round past 127.
+AFM_AVX512 void quantize_int8_row_avx512(const float* in, int64_t k, int32_t offset, int8_t* q, float* scale,
+                                         int32_t* offset_sums, int32_t* block_offset_sums) {
+  for (int64_t b = 0; b * kBlockFloatBlock < k; b++) {
+    __m512i qi;
+    if (!quantize_block_avx512(in, k, b, 127.0f, scale[b], qi)) continue;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * b), _mm512_cvtsepi32_epi8(qi));
+    // Each 128-bit lane holds one group of 4: sum within lanes, then take one word per lane.
+    __m512i sums = _mm512_add_epi32(qi, _mm512_shuffle_epi32(qi, _MM_PERM_BADC));
+    sums = _mm512_add_epi32(sums, _mm512_shuffle_epi32(sums, _MM_PERM_CDAB));
+    const __m128i quads = _mm512_castsi512_si128(_mm512_maskz_compress_epi32(0x1111, sums));
+    const __m128i offset_quads = _mm_mullo_epi32(quads, _mm_set1_epi32(-offset));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(offset_sums + 4 * b), offset_quads);
+    block_offset_sums[b] = -offset * _mm512_reduce_add_epi32(qi);
+  }
+}
+
+// quantize_int16_row_scalar a block per vector (a prefill's down projection quantizes 9 M values
+// per layer).
 AFM_AVX512 void quantize_int16_row_avx512(const float* in, int64_t k, int32_t offset, Int16Layout layout, int8_t* q,
                                           float* scale, int32_t* block_offset_sums) {
   const __m512i most = _mm512_set1_epi32(kInt16Max), least = _mm512_set1_epi32(-kInt16Max);
   for (int64_t b = 0; b * kBlockFloatBlock < k; b++) {
-    const int64_t n = std::min<int64_t>(kBlockFloatBlock, k - b * kBlockFloatBlock);
-    const __m512 v = _mm512_maskz_loadu_ps(n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1), in + 16 * b);
-    if (_mm512_fpclass_ps_mask(v, 0x99)) {  // a NaN or an infinity: see block_scale
-      scale[b] = std::numeric_limits<float>::quiet_NaN();
-      continue;
-    }
-    const float max_abs = _mm512_reduce_max_ps(_mm512_abs_ps(v));
-    if (max_abs < kTinyBlock) continue;
-    scale[b] = max_abs / float(kInt16Max);
-    __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(float(kInt16Max) / max_abs)));
+    __m512i qi;
+    if (!quantize_block_avx512(in, k, b, float(kInt16Max), scale[b], qi)) continue;
     qi = _mm512_max_epi32(_mm512_min_epi32(qi, most), least);
     int8_t* block_q = q + 32 * b;
     if (layout == Int16Layout::Values) {
@@ -330,6 +318,15 @@ AFM_AVX512 void quantize_int16_row_avx512(const float* in, int64_t k, int32_t of
 }
 #pragma GCC diagnostic pop
 #endif
+
+QuantizeRowFn quantize_row_kernel(Isa isa) {
+#ifdef AFM_X86
+  if (isa == Isa::Avx512 || isa == Isa::Avx512Vnni) return quantize_int8_row_avx512;
+#endif
+  (void)isa;
+  return quantize_int8_row_scalar;
+}
+
 
 QuantizeInt16RowFn quantize_int16_row_kernel(Isa isa) {
 #ifdef AFM_X86
