@@ -54,6 +54,10 @@ KVCacheType default_kv_cache_type(WeightFormat weights) {
   return weights == WeightFormat::F32 ? KVCacheType::F32 : KVCacheType::F16;
 }
 
+MatmulInputs default_block_float_inputs(WeightFormat weights) {
+  return weights == WeightFormat::BFP4 ? MatmulInputs::Int8 : MatmulInputs::Int16;
+}
+
 static KVCacheType chosen_kv_cache_type(const ModelOptions& options) {
   return options.kv_cache.value_or(default_kv_cache_type(options.weights));
 }

@@ -22,10 +22,11 @@ struct ModelOptions {
   int64_t max_seq_len = 0;                    // 0: the config's limit, capped by available memory
   WeightFormat weights = WeightFormat::F32;
   std::optional<KVCacheType> kv_cache;        // unset: default_kv_cache_type(weights)
-  // What bfp8/bfp4 matmuls round their input to (weight.h): Int16 by default, in blocks of 16 for
-  // the int8 GEMM where the CPU has it, and bf16 (the bring-up note's numerics) where it does not;
-  // BF16 always; or Int8, faster and coarser. Other formats ignore it. docs/ACCURACY.md.
-  MatmulInputs block_float_inputs = MatmulInputs::Int16;
+  // What bfp8/bfp4 matmuls round their input to (weight.h): Int16, in blocks of 16 for the int8
+  // GEMM where the CPU has it, and bf16 (the bring-up note's numerics) where it does not; BF16
+  // always; or Int8, faster and coarser. Unset: default_block_float_inputs(weights). Other
+  // formats ignore it. docs/ACCURACY.md.
+  std::optional<MatmulInputs> block_float_inputs;
   int num_threads = 0;                        // 0: all cores
   // Bytes the weights and one full-length KV cache may take; 0: the memory available now.
   int64_t max_memory = 0;
@@ -36,6 +37,11 @@ struct ModelOptions {
 // which must match transformers to f32 rounding, and f16 for the reduced formats, whose accuracy
 // bars it keeps (docs/ACCURACY.md) while halving the cache bytes every decode step reads.
 KVCacheType default_kv_cache_type(WeightFormat weights);
+
+// What bfp8/bfp4 matmuls read unless asked otherwise: int16 for bfp8, which keeps bf16's accuracy
+// bars, and int8 for bfp4, whose own rounding (a 3-bit magnitude) is 18x int8's, so that int16
+// buys it nothing measurable at twice the dot products (1.3x prefill; docs/ACCURACY.md).
+MatmulInputs default_block_float_inputs(WeightFormat weights);
 
 // Bytes of memory the OS can still give this process (MemAvailable), 0 when unknown.
 int64_t available_memory();
@@ -105,7 +111,9 @@ struct ModelContext {
 class WeightLoader {
  public:
   WeightLoader(const Checkpoint& checkpoint, const ModelOptions& options, Backend& backend)
-      : checkpoint_(checkpoint), block_float_inputs_(options.block_float_inputs), backend_(backend) {}
+      : checkpoint_(checkpoint),
+        block_float_inputs_(options.block_float_inputs.value_or(default_block_float_inputs(options.weights))),
+        backend_(backend) {}
   Weight matrix(const std::string& name, int64_t rows, int64_t cols, WeightFormat format);
   Weight vector(const std::string& name, int64_t size);  // norm weights: always exact
   bool contains(const std::string& name) const { return checkpoint_.contains(name); }

@@ -68,19 +68,20 @@ void check_report(const nlohmann::json& j, const std::vector<std::string>& promp
 }
 
 // With integer activations on block-float weights, prefill runs the int8 GEMM where the CPU has
-// AVX-512 VNNI, and is judged against the int8 dot peak, or half of it for the default int16
-// (two dot products per multiply-add); elsewhere against the f32 FMA peak.
+// AVX-512 VNNI, and is judged against the int8 dot peak, or half of it for int16, bfp8's default
+// (two dot products per multiply-add); elsewhere against the f32 FMA peak. bfp4 defaults to int8.
 TEST(BenchCli, IntegerPrefillIsJudgedAgainstItsPeak) {
   const bool vnni = afm::cpu::int8_gemm_supported(afm::cpu::best_isa());
-  for (auto [flag, activations, peak] : {std::tuple{"--activations int8", "int8", "int8 dot"},
-                                         std::tuple{"", "int16", "int8 dot, 2 per multiply-add"}}) {
-    const auto run = bench("--config " + kRoot + "/tests/fixtures/tiny-arcee/config.json --weights bfp8 " + flag +
+  for (auto [flags, activations, peak] : {std::tuple{"--weights bfp8 --activations int8", "int8", "int8 dot"},
+                                          std::tuple{"--weights bfp8", "int16", "int8 dot, 2 per multiply-add"},
+                                          std::tuple{"--weights bfp4", "int8", "int8 dot"}}) {
+    const auto run = bench("--config " + kRoot + "/tests/fixtures/tiny-arcee/config.json " + flags +
                            " --prompt-lens 16 --gen 2 --context-lens 0 --threads 1 --json");
     ASSERT_EQ(run.status, 0) << run.out;
     const auto j = nlohmann::json::parse(run.out);
     check_report(j, {"16"});
-    EXPECT_EQ(j["activations"], activations);
-    EXPECT_EQ(j["prefill_peak"], vnni ? peak : "f32 FMA") << activations;
+    EXPECT_EQ(j["activations"], activations) << flags;
+    EXPECT_EQ(j["prefill_peak"], vnni ? peak : "f32 FMA") << flags;
   }
 }
 

@@ -178,6 +178,10 @@ void run(BenchFlags flags) {
   const int64_t kv_bytes_per_position = model->kv_bytes_per_position();
   const std::string weights = format_name(model->weight_format());
   const std::string kv_cache = kv_cache_type_name(model->kv_cache_type());
+  const std::string activations =
+      !flags.model.activations.empty() ? flags.model.activations
+      : default_block_float_inputs(model->weight_format()) == MatmulInputs::Int8 ? "int8"
+                                                                                  : "int16";
   std::fprintf(stderr, "loaded %s (%s, %s weights) in %.2f s; warming up\n", source.c_str(), c.architecture.c_str(),
                weights.c_str(), load_s);
   auto warm_up = [&](Model& m) {
@@ -219,7 +223,7 @@ void run(BenchFlags flags) {
 
   nlohmann::json out = {
       {"model", source}, {"architecture", c.architecture}, {"weights", weights}, {"kv_cache", kv_cache},
-      {"activations", flags.model.activations}, {"threads", threads},
+      {"activations", activations}, {"threads", threads},
       {"kernel_isa", cpu::isa_name(cpu::best_isa())}, {"load_s", load_s}, {"rss_GB", rss_GB},
       {"bandwidth_GBps", bandwidth},
       {"compute_peak_GFLOPs", fma.all_threads}, {"compute_peak_per_thread_GFLOPs", fma.per_thread},
@@ -227,10 +231,10 @@ void run(BenchFlags flags) {
       {"int8_isa", int8.isa}, {"matmul_weight_bytes", weight_bytes}, {"gen", flags.gen}};
   // Int16 activations spend two int8 dot products on each multiply-add, so their ceiling is half
   // the int8 peak.
-  const bool integer_activations = flags.model.activations == "int8" || flags.model.activations == "int16";
+  const bool integer_activations = activations == "int8" || activations == "int16";
   const bool int8_prefill = integer_activations && (weights == "bfp8" || weights == "bfp4") &&
                             cpu::int8_gemm_supported(cpu::best_isa());
-  const bool int16 = flags.model.activations == "int16";
+  const bool int16 = activations == "int16";
   const double prefill_peak_ops = int8_prefill ? int8.all_threads / (int16 ? 2 : 1) : fma.all_threads;
   const std::string prefill_peak_name = !int8_prefill ? "f32 FMA" : int16 ? "int8 dot, 2 per multiply-add" : "int8 dot";
   out["prefill_peak"] = prefill_peak_name;

@@ -20,9 +20,9 @@ void ModelFlags::add_to(CLI::App& cmd) {
       ->check(CLI::IsMember({"f32", "f16", "bf16"}));
   cmd.add_option("--activations", activations,
                  "what bfp8/bfp4 matmuls round their input to: bf16; int8 per block of 16 for the int8 kernels; "
-                 "or int16 per block of 16, in two int8 halves for the int8 GEMM (AVX-512 VNNI; bf16 elsewhere)")
-      ->check(CLI::IsMember({"bf16", "int8", "int16"}))
-      ->capture_default_str();
+                 "or int16 per block of 16 for the int8 GEMM (AVX-512 VNNI; bf16 elsewhere) "
+                 "(default: int16 for bfp8, int8 for bfp4)")
+      ->check(CLI::IsMember({"bf16", "int8", "int16"}));
   cmd.add_option("--max-seq-len", max_seq_len, "context limit (default: the config's, capped by memory)");
   cmd.add_option("--threads,-t", threads, "CPU threads (default: all cores)");
   cmd.add_option("--max-memory", max_memory,
@@ -49,9 +49,10 @@ ModelOptions ModelFlags::options() const {
   options.device = Device::parse(device);
   options.weights = parse_weight_format(weights);
   if (!kv_cache.empty()) options.kv_cache = parse_kv_cache_type(kv_cache);
-  options.block_float_inputs = activations == "int8"    ? MatmulInputs::Int8
-                               : activations == "int16" ? MatmulInputs::Int16
-                                                        : MatmulInputs::BF16;
+  if (!activations.empty())
+    options.block_float_inputs = activations == "int8"    ? MatmulInputs::Int8
+                                 : activations == "int16" ? MatmulInputs::Int16
+                                                          : MatmulInputs::BF16;
   options.max_seq_len = max_seq_len;
   if (!max_memory.empty()) options.max_memory = parse_memory_size(max_memory);
   options.num_threads = threads;

@@ -18,7 +18,7 @@ struct ModelFlags {
   std::string device = "cpu";
   // The fastest format that meets the bring-up note's accuracy bar (docs/ACCURACY.md).
   std::string weights = "bfp8";
-  std::string activations = "int16";  // bf16, int8 or int16 (ModelOptions::block_float_inputs)
+  std::string activations;  // bf16, int8 or int16, or empty: the weights' default (ModelOptions::block_float_inputs)
   std::string kv_cache;  // f32, f16 or bf16; empty: the weight format's default (model.h)
   int64_t max_seq_len = 0;
   std::string max_memory;  // "8G", "512M", bytes; empty: the memory available
