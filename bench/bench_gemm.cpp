@@ -62,7 +62,6 @@ afm::cpu::ThreadPool& one_thread() {
   return pool;
 }
 
-
 void Gemm(benchmark::State& state) {
   const auto format = WeightFormat(state.range(0));
   const auto isa = Isa(state.range(1));

@@ -327,7 +327,6 @@ QuantizeRowFn quantize_row_kernel(Isa isa) {
   return quantize_int8_row_scalar;
 }
 
-
 QuantizeInt16RowFn quantize_int16_row_kernel(Isa isa) {
 #ifdef AFM_X86
   if (isa == Isa::Avx512 || isa == Isa::Avx512Vnni) return quantize_int16_row_avx512;
